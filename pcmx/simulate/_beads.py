@@ -76,7 +76,7 @@ def seed_streams(seed, names) -> tuple[dict, str]:
         raise InputError(f"seed={seed!r} must be a non-negative integer or None")
     ss = np.random.SeedSequence(seed)
     children = ss.spawn(len(names))
-    return {n: np.random.default_rng(c) for n, c in zip(names, children)}, str(ss.entropy)
+    return {n: np.random.default_rng(c) for n, c in zip(names, children, strict=True)}, str(ss.entropy)
 
 
 def simulate_beads(
