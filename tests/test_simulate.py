@@ -168,6 +168,29 @@ def test_image_is_sum_of_exact_psfs(sim3):
     assert patch.sum() == pytest.approx(a * psf.sum(), rel=0.02)
 
 
+def test_each_bead_rendered_with_its_own_exact_psf(sim3):
+    """The renderer puts amplitude x the exact PSF of the bead's own position (sub-pixel
+    offset as a pupil phase ramp) into the image: no shared kernel, no product-convolution."""
+    from pcmx.simulate import simulation_model
+    from pcmx.simulate._render import render_emitters, render_sizes
+
+    optics, fm, states, shape = simulation_model(sim3)
+    ys, xs = np.array([40.0, 120.3]), np.array([50.0, 30.8])
+    img = render_emitters(optics, fm, states[2], ys, xs, [1000.0, 500.0], shape)
+    exact = 1000.0 * true_psf(sim3, 40.0, 50.0, state=2, size=33)
+    np.testing.assert_allclose(img[24:57, 34:67], exact, atol=1e-5 * exact.max())
+    zern, defocus = fm.at([120.3], [30.8], states[2])
+    size = int(render_sizes(optics, defocus, shape)[0])
+    shifted = 500.0 * scalar_psfs(zern, defocus, shift_y=0.3, shift_x=-0.2, size=size,
+                                  noll=fm.noll)[0]
+    c = size // 2
+    np.testing.assert_allclose(img[104:137, 15:48], shifted[c - 16:c + 17, c - 16:c + 17],
+                               atol=1e-5 * shifted.max())
+    # a bead elsewhere in the field has a different PSF
+    other = true_psf(sim3, 150.0, 150.0, state=2, size=33)
+    assert np.abs(other - exact / 1000.0).max() > 0.05 * other.max()
+
+
 def test_every_bead_at_an_image_maximum():
     """Ideal optics, noise-free: the brightest pixel near each bead is its nearest pixel; with
     camera noise within one pixel. Default random aberrations (coma shifts the peak) and noise

@@ -270,15 +270,3 @@ def parse_states(states, rng: np.random.Generator) -> tuple[list[State], bool]:
             raise InputError("states=[] is empty; give None, a count or a list of dicts")
         return [_state_from_user(d, k) for k, d in enumerate(states)], True
     raise InputError(f"states={states!r} must be None, a number of states or a list of dicts")
-
-
-def defocus_extent(fm: FieldModel, states, optics_z=0.0) -> float:
-    """Largest |defocus| (um) over the field corners, edges and centre for these states."""
-    g = np.linspace(0, 1, 5)
-    ny, nx = fm.shape[-2], fm.shape[-1]
-    yy, xx = np.meshgrid(g * (ny - 1), g * (nx - 1), indexing="ij")
-    worst = 0.0
-    for st in states:
-        _, d = fm.at(yy.ravel(), xx.ravel(), st)
-        worst = max(worst, float(np.max(np.abs(d))))
-    return worst + abs(optics_z)

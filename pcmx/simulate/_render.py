@@ -10,7 +10,7 @@ from ._model import FieldModel, State
 from ._psf import Optics, engine
 from ._scene import scatter_patches
 
-__all__ = ["PATCH_SIZES", "required_size", "render_emitters"]
+__all__ = ["PATCH_SIZES", "required_size", "render_sizes", "render_emitters"]
 
 #: Patch sizes the renderer chooses from (each PSF gets the smallest that holds its blur).
 PATCH_SIZES = (33, 49, 65, 97, 129, 193, 257)
@@ -28,6 +28,21 @@ def required_size(optics: Optics, defocus_um: np.ndarray, *, max_size: int = 257
         sizes = np.append(sizes, max_size)
     idx = np.searchsorted(sizes // 2, np.ceil(radius))
     return sizes[np.minimum(idx, len(sizes) - 1)]
+
+
+def render_sizes(optics: Optics, defocus_um: np.ndarray, shape, patch_size: int | None = None,
+                 max_patch: int = 257) -> np.ndarray:
+    """Patch side used for each PSF when rendering an image of ``shape``.
+
+    :func:`true_psfs` renders at the same sizes (then crops), so a ground-truth PSF is the very
+    function that went into the image, down to the FFT window.
+    """
+    defocus_um = np.asarray(defocus_um, dtype=np.float64)
+    if patch_size is not None:
+        return np.full(defocus_um.shape, int(patch_size))
+    limit = int(min(max_patch, 2 * max(shape[-2:]) + 1))
+    limit += 1 - limit % 2
+    return required_size(optics, defocus_um, max_size=limit)
 
 
 def render_emitters(optics: Optics, fm: FieldModel, state: State, y, x, amplitude, out_shape,
@@ -69,12 +84,7 @@ def render_emitters(optics: Optics, fm: FieldModel, state: State, y, x, amplitud
         defocus = dfield
         rows = np.arange(n)
         iz = None
-    limit = int(min(max_patch, 2 * max(out_shape[-2:]) + 1))
-    limit += 1 - limit % 2
-    if patch_size is not None:
-        sizes = np.full(rows.size, int(patch_size))
-    else:
-        sizes = required_size(optics, defocus, max_size=limit)
+    sizes = render_sizes(optics, defocus, out_shape, patch_size, max_patch)
     for size in np.unique(sizes):
         sel = np.flatnonzero(sizes == size)
         eng = engine(optics, int(size), fm.noll)

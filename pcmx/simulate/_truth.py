@@ -13,6 +13,7 @@ from ..provenance import provenance
 from ..units import kernel_coords, spatial_coords
 from ._model import FieldModel, State
 from ._psf import Optics, engine
+from ._render import render_sizes
 
 __all__ = ["simulation_model", "true_psf", "true_psfs", "true_operator"]
 
@@ -88,15 +89,28 @@ def true_psfs(sim: xr.Dataset, ys, xs, *, state: int = 0, size: int = 33,
         raise InputError("ys and xs must be finite")
     zern, dfield = fm.at(ys, xs, st)
     dfield = dfield + float(defocus)
-    eng = engine(optics, size, fm.noll)
     if len(shape) == 2:
-        return eng.render(eng.features(zern, dfield, 0.0, 0.0))
+        return _render_cropped(sim, optics, fm, zern, dfield, shape, size)
     nz = shape[0]
     size_z = _check_size(size_z, "size_z") if size_z is not None else nz + 1 - nz % 2
     kz = np.arange(size_z) - size_z // 2
     dz = (dfield[:, None] - kz[None, :] * optics.z_step).ravel()
-    feats = eng.features(np.repeat(zern, size_z, axis=0), dz, 0.0, 0.0)
-    return eng.render(feats).reshape(ys.size, size_z, size, size)
+    out = _render_cropped(sim, optics, fm, np.repeat(zern, size_z, axis=0), dz, shape, size)
+    return out.reshape(ys.size, size_z, size, size)
+
+
+def _render_cropped(sim, optics, fm, zern, defocus, shape, size) -> np.ndarray:
+    """Render each PSF at the patch size the image renderer used for it, crop to ``size``."""
+    patch = sim.attrs.get("scene", {}).get("patch_size")
+    sizes = np.maximum(render_sizes(optics, defocus, shape, patch), size)
+    out = np.empty((defocus.size, size, size), dtype=np.float32)
+    for s in np.unique(sizes):
+        sel = np.flatnonzero(sizes == s)
+        eng = engine(optics, int(s), fm.noll)
+        psfs = eng.render(eng.features(zern[sel], defocus[sel], 0.0, 0.0))
+        start = int(s) // 2 - size // 2
+        out[sel] = psfs[:, start:start + size, start:start + size]
+    return out
 
 
 def true_psf(sim: xr.Dataset, y: float, x: float, *, state: int = 0, size: int = 33,
