@@ -1,0 +1,260 @@
+"""Conical hull of observed coefficients: greedy reduction and projection (paper App. C-b, C-c)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import nnls
+
+from pcmx.coefficients import coefficient_maps, fit_tps
+from pcmx.cone import (
+    cone_membership_distance,
+    project_grid,
+    project_maps,
+    project_onto_cone,
+    reduce_cone,
+)
+from pcmx.errors import InputError
+
+
+def _generators(rng, g, dim=5):
+    """Generators around a dominant first axis, like PSF coefficients (beta_0 ~ 1)."""
+    gen = 0.4 * rng.standard_normal((g, dim))
+    gen[:, 0] = 1.0 + 0.1 * rng.random(g)
+    return gen
+
+
+def _nnls_projection(gen, x):
+    unit = gen / np.linalg.norm(gen, axis=1, keepdims=True)
+    return np.stack([unit.T @ nnls(unit.T, row)[0] for row in x])
+
+
+# ---------------------------------------------------------------------------------- projection
+
+
+@pytest.mark.parametrize("g", [3, 8, 20])
+@pytest.mark.parametrize("method", ["auto", "active-set", "fista", "nnls"])
+def test_projection_matches_scipy_nnls(g, method):
+    rng = np.random.default_rng(g)
+    gen = _generators(rng, g)
+    x = rng.standard_normal((300, 5))
+    x[:, 0] += 0.5
+    ref = _nnls_projection(gen, x)
+    proj = project_onto_cone(x, gen, method=method, tol=1e-12 if method == "fista" else 1e-10)
+    np.testing.assert_allclose(proj, ref, atol=1e-5)
+    if method in ("auto", "active-set"):
+        np.testing.assert_allclose(proj, ref, atol=1e-10)  # exact, not iterative
+
+
+def test_projection_optimality_and_coefficients():
+    rng = np.random.default_rng(1)
+    gen = _generators(rng, 12)
+    x = rng.standard_normal((500, 5))
+    proj, lam = project_onto_cone(x, gen, return_coefficients=True)
+    unit = gen / np.linalg.norm(gen, axis=1, keepdims=True)
+    assert lam.shape == (500, 12) and np.all(lam >= 0)
+    np.testing.assert_allclose(lam @ unit, proj, atol=1e-12)
+    # KKT: the residual makes a non-acute angle with every generator, and is orthogonal to p
+    resid = x - proj
+    assert (resid @ unit.T).max() < 1e-9
+    np.testing.assert_allclose(np.einsum("ni,ni->n", resid, proj), 0, atol=1e-9)
+
+
+def test_points_inside_the_cone_are_unchanged():
+    rng = np.random.default_rng(2)
+    gen = _generators(rng, 10)
+    inside = rng.random((400, 10)) ** 3 @ gen  # conical combinations, some near the faces
+    np.testing.assert_allclose(project_onto_cone(inside, gen), inside, atol=1e-10)
+    np.testing.assert_allclose(project_onto_cone(gen * 3.0, gen), gen * 3.0, atol=1e-10)
+    assert np.all(cone_membership_distance(inside, gen) < 1e-10)
+
+
+def test_dtype_shape_and_scaling():
+    rng = np.random.default_rng(3)
+    gen = _generators(rng, 6)
+    x = rng.standard_normal((50, 5)).astype(np.float32)
+    p32 = project_onto_cone(x, gen)
+    assert p32.dtype == np.float32 and p32.shape == (50, 5)
+    p_one = project_onto_cone(x[7].astype(np.float64), gen)
+    assert p_one.shape == (5,)
+    np.testing.assert_allclose(p_one, p32[7], atol=1e-6)
+    # a cone does not depend on the generators' lengths
+    np.testing.assert_allclose(project_onto_cone(x, gen * rng.uniform(0.1, 10, (6, 1))), p32, atol=1e-6)
+
+
+def test_membership_distance():
+    rng = np.random.default_rng(4)
+    gen = np.abs(_generators(rng, 7))  # the non-negative orthant contains the cone
+    assert cone_membership_distance(gen[0] + gen[1], gen) == pytest.approx(0.0, abs=1e-10)
+    assert cone_membership_distance(-gen[0], gen) == pytest.approx(1.0)  # polar: projects to 0
+    x = gen[0] + 0.3 * np.array([0, 0, 0, 0, -1.0])
+    d = cone_membership_distance(x, gen)
+    ref = np.linalg.norm(x - _nnls_projection(gen, x[None])[0]) / np.linalg.norm(x)
+    assert d == pytest.approx(ref, rel=1e-9) and 0 < d < 1
+    assert cone_membership_distance(np.zeros(5), gen) == 0.0
+    assert cone_membership_distance(np.stack([x, -gen[0]]), gen).shape == (2,)
+
+
+def test_project_grid_equals_row_projection():
+    rng = np.random.default_rng(5)
+    gen = _generators(rng, 15)
+    yy, xx = np.mgrid[0:90, 0:120] / 60.0
+    vals = np.stack([1 + 0.2 * yy, np.sin(3 * xx), np.cos(2 * yy + xx), xx * yy - 0.5, 0.3 * xx])
+    proj = project_grid(vals, gen)
+    ref = project_onto_cone(vals.reshape(5, -1).T, gen).T.reshape(vals.shape)
+    np.testing.assert_allclose(proj, ref, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------- greedy reduction
+
+
+def _max_angle_deg(b, gen):
+    p = _nnls_projection(gen, b)
+    cos = np.linalg.norm(p, axis=1) / np.linalg.norm(b, axis=1)
+    return np.rad2deg(np.arccos(np.clip(cos, 0, 1))).max()
+
+
+@pytest.mark.parametrize("threshold", [0.5, 2.0, 5.0])
+def test_greedy_reduction_keeps_every_observation_within_the_angle(threshold):
+    rng = np.random.default_rng(6)
+    b = rng.standard_normal((400, 5)) * [0.05, 0.3, 0.2, 0.1, 0.1]
+    b[:, 0] += 1.0
+    gen, info = reduce_cone(b, angle_threshold_deg=threshold, max_generators=200, return_info=True)
+    assert _max_angle_deg(b, gen) < threshold
+    assert len(gen) < len(b) and len(gen) == len(info["indices"]) == len(info["max_angle_deg"])
+    np.testing.assert_allclose(gen[0], b.mean(axis=0))  # starts from the mean (App. C-c)
+    np.testing.assert_array_equal(gen[1:], b[info["indices"][1:]])
+    assert np.all(np.diff(info["max_angle_deg"]) <= 1e-9)  # the cone only grows
+    assert info["angle_deg"].max() < threshold
+    # cone(generators) is inside cone(B): every generator is a conical combination of B
+    assert np.all(cone_membership_distance(gen, b) < 1e-9)
+    if threshold == 0.5:
+        assert len(gen) > len(reduce_cone(b, angle_threshold_deg=5.0))
+
+
+def test_greedy_reduction_respects_max_generators():
+    rng = np.random.default_rng(7)
+    b = np.abs(rng.standard_normal((300, 4)))
+    gen, info = reduce_cone(b, angle_threshold_deg=0.01, max_generators=6, return_info=True)
+    assert len(gen) == 6
+    assert info["max_angle_deg"][-1] == pytest.approx(_max_angle_deg(b, gen), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------- realistic PSFs
+
+
+def _synthetic_psf_family():
+    """A non-negative PSF family of rank 3: PSF(z) = sum_k a_k(z) g_k with non-negative g_k.
+
+    Beads only cover x in [8, 60] of a 96 x 112 field; a_1 decreases linearly in x, so a
+    spline extrapolates it to negative values on the right of the field.
+    """
+    k = np.arange(15) - 7
+    ky, kx = np.meshgrid(k, k, indexing="ij")
+    blobs = np.stack([
+        np.exp(-((kx - 2.5) ** 2 + ky**2) / 3.0),
+        np.exp(-((kx + 2.5) ** 2 + (ky - 1) ** 2) / 4.0),
+        np.exp(-(kx**2 + ky**2) / 12.0),
+    ]).reshape(3, -1)
+    _, _, vt = np.linalg.svd(blobs, full_matrices=False)
+    basis = vt  # orthonormal PSF basis h_i (signed), same span as the blobs
+
+    def amplitudes(p):
+        y, x = p[:, 0], p[:, 1]
+        return np.stack([1.2 - x / 50.0, 0.2 + x / 100.0, 0.5 + 0.3 * np.sin(y / 20.0)], axis=1)
+
+    return blobs, basis, amplitudes
+
+
+def _psfs(maps, basis):
+    """Every pixel's PSF (n_pixels, 225) from coefficient maps (I, ny, nx)."""
+    return maps.reshape(maps.shape[0], -1).T.astype(np.float64) @ basis
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.003])
+def test_projection_makes_every_psf_nonnegative_where_plain_interpolation_does_not(noise):
+    rng = np.random.default_rng(8)
+    shape = (96, 112)
+    blobs, basis, amplitudes = _synthetic_psf_family()
+    pts = np.column_stack([rng.uniform(4, 91, 60), rng.uniform(8, 60, 60)])
+    psf = amplitudes(pts) @ blobs
+    psf /= psf.sum(axis=1, keepdims=True)
+    beta = psf @ basis.T + noise * rng.standard_normal((60, 3))
+
+    plain = coefficient_maps(pts, beta, shape)
+    plain_psfs = _psfs(plain, basis)
+    peak = plain_psfs.max(axis=1)
+    assert (plain_psfs.min(axis=1) / peak).min() < -0.1  # negative lobes far from the beads
+
+    gen = reduce_cone(beta, angle_threshold_deg=0.5)
+    # tolerance: exact conical combinations of non-negative PSFs (noise-free), within 1% of
+    # the peak when the observed coefficients themselves are noisy (issue: 1% of the peak)
+    floor = -1e-6 if noise == 0 else -0.01
+    for maps in (coefficient_maps(pts, beta, shape, generators=gen),
+                 project_maps(plain, gen, step=8)):
+        assert maps.dtype == np.float32 and maps.shape == plain.shape
+        p = _psfs(maps, basis)
+        assert (p.min(axis=1) / p.max(axis=1)).min() >= floor
+        assert np.all(cone_membership_distance(maps.reshape(3, -1).T, gen) < 1e-5)
+    # inside the beads' region the projection barely changes the good interpolation
+    proj = project_maps(plain, gen, step=1)
+    inner = (slice(None), slice(10, 86), slice(12, 56))
+    assert np.abs(proj[inner] - plain[inner]).max() < 0.05 * np.abs(plain[inner]).max()
+
+
+def test_project_maps_lattice_vs_every_pixel():
+    rng = np.random.default_rng(9)
+    shape = (80, 100)
+    pts = rng.uniform(2, 77, (40, 2))
+    beta = np.column_stack([1 + 0.1 * np.sin(pts[:, 0] / 20), 0.3 * np.cos(pts[:, 1] / 25),
+                            0.2 * (pts[:, 0] - 40) / 40]) + 0.01 * rng.standard_normal((40, 3))
+    maps = fit_tps(pts, beta, domain_shape=shape).evaluate_grid()
+    gen = reduce_cone(beta, angle_threshold_deg=1.0)
+    exact = project_maps(maps, gen, step=1)
+    np.testing.assert_allclose(exact, project_onto_cone(maps.reshape(3, -1).T, gen).T.reshape(maps.shape), atol=1e-6)
+    rms = np.sqrt(np.mean(np.sum(exact.astype(float) ** 2, axis=0)))
+    moved = np.linalg.norm(maps - exact, axis=0).max() / rms  # what the projection changes
+    errs = {}
+    for step in (4, 8):
+        fast = project_maps(maps, gen, step=step)
+        errs[step] = np.linalg.norm(fast - exact, axis=0).max() / rms
+        assert np.all(cone_membership_distance(fast.reshape(3, -1).T, gen) < 1e-5)
+    # bilinear error of the projected maps (first order across the projection's kinks),
+    # small beside the projection itself
+    assert errs[4] < 1e-2 and errs[8] < 2e-2 and errs[4] < errs[8] < 0.1 * moved
+    assert project_maps(maps.astype(np.float64), gen).dtype == np.float64
+
+
+def test_project_maps_3d():
+    rng = np.random.default_rng(10)
+    gen = np.abs(_generators(rng, 6, dim=3))
+    z, y, x = np.mgrid[0:10, 0:40, 0:36] / 20.0
+    maps = np.stack([1 + 0 * z, np.sin(3 * x) - 0.5, z - y]).astype(np.float32)
+    out = project_maps(maps, gen, step=4)
+    assert out.shape == maps.shape and out.dtype == np.float32
+    assert np.all(cone_membership_distance(out.reshape(3, -1).T, gen) < 1e-5)
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_named():
+    gen = np.eye(3)
+    with pytest.raises(InputError, match="X: vectors have 4 components but generators have 3"):
+        project_onto_cone(np.ones((2, 4)), gen)
+    with pytest.raises(InputError, match="X: 1 rows contain NaN"):
+        project_onto_cone(np.array([[1.0, np.nan, 0]]), gen)
+    with pytest.raises(InputError, match="generators: all generators are zero"):
+        project_onto_cone(np.ones((2, 3)), np.zeros((2, 3)))
+    with pytest.raises(InputError, match="method: expected"):
+        project_onto_cone(np.ones((2, 3)), gen, method="cvx")
+    with pytest.raises(InputError, match="angle_threshold_deg: must be in"):
+        reduce_cone(np.ones((4, 3)), angle_threshold_deg=0)
+    with pytest.raises(InputError, match="max_generators: must be at least 1"):
+        reduce_cone(np.ones((4, 3)), max_generators=0)
+    with pytest.raises(InputError, match="B: all observed vectors are zero"):
+        reduce_cone(np.zeros((4, 3)))
+    with pytest.raises(InputError, match=r"maps: expected shape \(I, ny, nx\)"):
+        project_maps(np.ones((3, 4)), gen)
+    with pytest.raises(InputError, match="step: must be a positive"):
+        project_maps(np.ones((3, 4, 4)), gen, step=0)
