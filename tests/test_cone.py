@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.optimize import nnls
+from scipy.optimize import minimize, nnls
 
 from pcmx.coefficients import coefficient_maps, fit_tps
 from pcmx.cone import (
     cone_membership_distance,
+    nonnegative_generators,
     project_grid,
     project_maps,
     project_onto_cone,
@@ -200,6 +201,39 @@ def test_projection_makes_every_psf_nonnegative_where_plain_interpolation_does_n
     proj = project_maps(plain, gen, step=1)
     inner = (slice(None), slice(10, 86), slice(12, 56))
     assert np.abs(proj[inner] - plain[inner]).max() < 0.05 * np.abs(plain[inner]).max()
+
+
+def test_nonnegative_generators_is_the_nearest_feasible_vector():
+    rng = np.random.default_rng(11)
+    blobs, basis, amplitudes = _synthetic_psf_family()
+    pts = np.column_stack([rng.uniform(4, 91, 40), rng.uniform(8, 60, 40)])
+    psf = amplitudes(pts) @ blobs
+    beta = psf / psf.sum(axis=1, keepdims=True) @ basis.T + 0.02 * rng.standard_normal((40, 3))
+    ratio = (beta @ basis).min(axis=1) / (beta @ basis).max(axis=1)
+    assert ratio.min() < -0.01  # noisy observations: PSFs with negative dips
+    worst = beta[np.argsort(ratio)[:6]]
+    for floor in (0.0, 0.01):
+        fixed = nonnegative_generators(worst, basis, floor=floor)
+        assert not np.array_equal(fixed, worst)
+        for c, c2 in zip(worst, fixed, strict=True):
+            bound = -floor * (c @ basis).max()
+            assert (c2 @ basis).min() >= bound - 1e-9
+            if (c @ basis).min() >= bound:
+                np.testing.assert_array_equal(c2, c)
+                continue
+            ref = minimize(lambda v, c=c: np.sum((v - c) ** 2), c, jac=lambda v, c=c: 2 * (v - c),
+                           constraints=[{"type": "ineq", "fun": lambda v, b=bound: v @ basis - b,
+                                         "jac": lambda v: basis.T}], method="SLSQP",
+                           options={"ftol": 1e-14, "maxiter": 500})
+            assert np.linalg.norm(c2 - c) <= np.linalg.norm(ref.x - c) + 1e-6
+            np.testing.assert_allclose(c2, ref.x, atol=1e-4)
+    # through reduce_cone: every projected pixel's PSF is then non-negative (floor 0)
+    gen = reduce_cone(beta, angle_threshold_deg=0.5, psf_basis=basis.reshape(3, 15, 15), floor=0.0)
+    maps = coefficient_maps(pts, beta, (96, 112), generators=gen)
+    p = _psfs(maps, basis)
+    assert (p.min(axis=1) / p.max(axis=1)).min() >= -1e-6
+    with pytest.raises(InputError, match=r"psf_basis: expected shape \(3, ...\)"):
+        nonnegative_generators(beta, basis[:2])
 
 
 def test_project_maps_lattice_vs_every_pixel():
