@@ -1,0 +1,80 @@
+"""The notebook interface: ``ds.pcmx`` on stores and ``da.pcmx`` on images.
+
+Stateless, thin delegation to the modules that own each step (a new accessor object per
+derived object, no cached state).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import xarray as xr
+
+__all__ = ["PcmxDatasetAccessor", "PcmxDataArrayAccessor"]
+
+
+def _mod(name: str):
+    return importlib.import_module(f"pcmx.{name}")
+
+
+@xr.register_dataset_accessor("pcmx")
+class PcmxDatasetAccessor:
+    """``ds.pcmx``: validate, query, save and apply pcmx results."""
+
+    def __init__(self, ds: xr.Dataset) -> None:
+        self._ds = ds
+
+    @property
+    def kind(self) -> str | None:
+        """The ``pcmx_type`` (``"operator"``, ``"family"``, ...)."""
+        return self._ds.attrs.get("pcmx_type")
+
+    def validate(self) -> xr.Dataset:
+        """Validate against the schema of its kind (raises SchemaError); returns the Dataset."""
+        return _mod("schema").validate(self._ds)
+
+    def psf_at(self, *, state=None, index: bool = False, **position) -> xr.DataArray:
+        """The PSF at ``y=..., x=...`` (coordinate values; ``index=True`` for pixel indices)."""
+        return _mod("model").psf_at(self._ds, state=state, index=index, **position)
+
+    def coefficients(self, state=None, *, gamma=None) -> xr.DataArray:
+        """Coefficient maps: the operator's own, or a family state's (or any gamma)."""
+        if self.kind == "family":
+            return _mod("model").family_coefficients(self._ds, state, gamma=gamma)
+        return self._ds["coefficients"]
+
+    def operator(self, state=None, *, gamma=None) -> xr.Dataset:
+        """The operator Dataset of one family state (or of any gamma in its cone)."""
+        return _mod("model").family_operator(self._ds, state, gamma=gamma)
+
+    def save(self, path, *, overwrite: bool = False) -> str:
+        """Validate and write atomically as a Zarr v3 store."""
+        return _mod("io.store").save_store(self._ds, path, overwrite=overwrite)
+
+    def blur(self, image, **kwargs):
+        """Apply this operator to an image (product-convolution, paper Prop. 1)."""
+        return _mod("operator").blur(image, self._ds, **kwargs)
+
+    def summary(self) -> str:
+        """The text ``pcmx info`` prints."""
+        return _mod("commands.info").describe(self._ds)
+
+
+@xr.register_dataarray_accessor("pcmx")
+class PcmxDataArrayAccessor:
+    """``image.pcmx``: blur, learn from and deblur images."""
+
+    def __init__(self, da: xr.DataArray) -> None:
+        self._da = da
+
+    def blur(self, operator, **kwargs):
+        """``H u`` for an operator Dataset or store path."""
+        return _mod("operator").blur(self._da, operator, **kwargs)
+
+    def learn(self, **kwargs) -> xr.Dataset:
+        """Learn the space-varying operator from this bead image (paper II-C)."""
+        return _mod("learn").learn_operator(self._da, **kwargs)
+
+    def deblur(self, family=None, **kwargs):
+        """Blind Sparse+Smooth deblurring with a family (paper App. D)."""
+        return _mod("deblur").deblur(self._da, family, **kwargs)

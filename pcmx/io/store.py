@@ -1,0 +1,223 @@
+"""Zarr v3 stores of pcmx results: validated, lazy on read, atomic on write.
+
+A write goes to a temporary sibling (``.NAME.pcmx-tmp-XXXX``) and is renamed into place only
+when complete, so a crash or a kill mid-write leaves neither a half store nor a damaged old
+one. An existing store is replaced only with ``overwrite=True``. Other tools read the result
+with plain ``xarray.open_zarr(path)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from urllib.parse import urlparse
+
+import numpy as np
+import xarray as xr
+
+from ..errors import SchemaError, StoreError, StoreExistsError
+from ..provenance import SCHEMA_VERSION, provenance
+from ..schema import validate
+
+__all__ = ["open_store", "save_store", "is_store"]
+
+_SPATIAL_CHUNK = 1024
+
+
+def _is_local(path: str) -> bool:
+    scheme = urlparse(path).scheme
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def is_store(path) -> bool:
+    """True if ``path`` is a local directory holding a Zarr group with a ``pcmx_type``."""
+    p = os.fspath(path)
+    meta = os.path.join(p, "zarr.json")
+    if not os.path.isfile(meta):
+        return False
+    import json
+
+    try:
+        with open(meta) as f:
+            return "pcmx_type" in json.load(f).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+
+
+def _with_provenance(ds: xr.Dataset) -> xr.Dataset:
+    missing = {k: v for k, v in provenance().items() if k not in ds.attrs}
+    if not missing:
+        return ds
+    ds = ds.copy(deep=False)
+    ds.attrs = {**missing, **ds.attrs}
+    ds.attrs.setdefault("pcmx_schema_version", SCHEMA_VERSION)
+    return ds
+
+
+def _encoding(ds: xr.Dataset) -> dict:
+    """Chunk big in-memory variables along y/x; keep dask chunks as they are."""
+    enc = {}
+    for name, var in ds.variables.items():
+        if var.chunks is not None or var.ndim < 2:
+            continue
+        chunks = []
+        for dim, size in zip(var.dims, var.shape):
+            if dim in ("y", "x"):
+                chunks.append(min(size, _SPATIAL_CHUNK))
+            elif dim == "z":
+                chunks.append(min(size, 16))
+            elif dim in ("ky", "kx", "kz", "component", "mode", "bead", "generator"):
+                chunks.append(size)
+            else:
+                chunks.append(1 if size * np.prod(var.shape) > 2**26 else size)
+        enc[name] = {"chunks": tuple(int(max(c, 1)) for c in chunks)}
+    return enc
+
+
+def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | None = None) -> str:
+    """Validate ``ds`` and write it as a Zarr v3 store at ``path``, atomically.
+
+    Parameters
+    ----------
+    ds : Dataset
+        A pcmx result (``attrs["pcmx_type"]``). Missing provenance attrs are filled in.
+        pint-quantified Datasets are dequantified first.
+    path : str or path-like
+        Local path or an fsspec URL xarray accepts. Local writes are atomic; on object stores
+        the store is written under a temporary prefix and moved, which is as close as the
+        store allows.
+    overwrite : bool
+        Replace an existing pcmx store at ``path``. Never replaces something that is not a
+        pcmx store.
+    group : str, optional
+        Write into a subgroup of an existing Zarr (e.g. ``"pcmx/operator"`` of an OME-Zarr);
+        not atomic at the group level.
+
+    Returns
+    -------
+    str
+        The path written.
+
+    Raises
+    ------
+    StoreExistsError
+        ``path`` exists and ``overwrite`` is False.
+    SchemaError
+        ``ds`` is not a valid pcmx Dataset (nothing is written).
+    StoreError
+        The write failed (the old store, if any, is left intact).
+    """
+    path = os.fspath(path)
+    try:
+        ds = ds.pint.dequantify()
+    except (AttributeError, ValueError):
+        pass
+    ds = _with_provenance(ds)
+    validate(ds, source=path, require_provenance=True)
+    if group is not None:
+        ds.to_zarr(path, group=group, mode="w" if overwrite else "w-", zarr_format=3,
+                   consolidated=False, encoding=_encoding(ds))
+        return path
+    if not _is_local(path):
+        return _save_remote(ds, path, overwrite)
+
+    path = _local(path).rstrip(os.sep)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path):
+        if not overwrite:
+            raise StoreExistsError(f"{path}: already exists; use overwrite=True (--overwrite) to replace it")
+        if not is_store(path):
+            raise StoreExistsError(f"{path}: exists and is not a pcmx store; refusing to replace it")
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(path)
+    token = uuid.uuid4().hex[:8]
+    tmp = os.path.join(parent, f".{name}.pcmx-tmp-{token}")
+    old = os.path.join(parent, f".{name}.pcmx-old-{token}")
+    try:
+        ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, ValueError, TypeError)):
+            raise StoreError(f"{path}: write failed ({type(exc).__name__}: {exc}); nothing changed") from exc
+        raise
+    if os.path.exists(path):
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def _save_remote(ds: xr.Dataset, url: str, overwrite: bool) -> str:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.exists(root) and not overwrite:
+        raise StoreExistsError(f"{url}: already exists; use overwrite=True (--overwrite) to replace it")
+    tmp_root = f"{root.rstrip('/')}.pcmx-tmp-{uuid.uuid4().hex[:8]}"
+    tmp_url = url.replace(root.rstrip("/"), tmp_root, 1)
+    try:
+        ds.to_zarr(tmp_url, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        fs.mv(tmp_root, root, recursive=True)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp_root, recursive=True)
+        raise
+    return url
+
+
+def open_store(path, *, kind: str | None = None, group: str | None = None,
+               chunks="auto-stored", validate_store: bool = True) -> xr.Dataset:
+    """Open a pcmx store lazily (dask-backed) and validate it.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A store written by :func:`save_store` (or any Zarr group following the schema).
+    kind : str, optional
+        Require this ``pcmx_type`` (``"operator"``, ``"family"``...).
+    group : str, optional
+        A subgroup (e.g. ``"pcmx/operator"`` inside an OME-Zarr).
+    chunks : optional
+        Passed to :func:`xarray.open_zarr`; by default the stored chunks.
+
+    Raises
+    ------
+    StoreError
+        ``path`` does not exist or is not a Zarr store.
+    SchemaError
+        The store is not a valid pcmx store of the expected kind.
+    """
+    path = os.fspath(path)
+    if _is_local(path) and not os.path.exists(_local(path)):
+        raise StoreError(f"{path}: no such store")
+    if _is_local(path) and os.path.isfile(_local(path)):
+        raise StoreError(f"{path}: not a Zarr store (it is a file)")
+    try:
+        ds = xr.open_zarr(path, group=group, consolidated=False,
+                          chunks={} if chunks == "auto-stored" else chunks)
+    except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
+        raise StoreError(f"{path}: not a Zarr store ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # zarr raises its own types (GroupNotFoundError, ...)  # noqa: BLE001
+        raise StoreError(f"{path}: not a Zarr store ({type(exc).__name__}: {exc})") from None
+    if validate_store:
+        try:
+            validate(ds, kind=kind, source=path, require_provenance=True)
+        except SchemaError:
+            ds.close()
+            raise
+    return ds
