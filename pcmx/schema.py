@@ -127,7 +127,9 @@ def validate(ds: xr.Dataset, *, kind: str | None = None, source: str = "dataset"
     _check_version(ds.attrs.get("pcmx_schema_version"), source)
     schema = load_schema(actual)
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(summarize(ds)), key=lambda e: list(e.absolute_path))
+    order = {"attrs": 0, "data_vars": 1, "coords": 2}
+    errors = sorted(validator.iter_errors(summarize(ds)),
+                    key=lambda e: [order.get(str(p), 3) if i == 0 else str(p) for i, p in enumerate(e.absolute_path)])
     if errors:
         raise SchemaError(f"{source}: {_message(errors[0])}")
     if require_provenance:

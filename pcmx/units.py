@@ -76,7 +76,7 @@ def format_length(um: float | None) -> str:
     """``0.065`` -> ``"65 nm"`` (``"unknown (pixel units)"`` for None)."""
     if um is None:
         return "unknown (pixel units)"
-    q = (um * ureg.micrometer).to_compact()
+    q = ureg.Quantity(float(um), "micrometer").to_compact()
     return f"{q.magnitude:.4g} {q.units:~P}"
 
 

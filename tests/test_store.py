@@ -1,0 +1,140 @@
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import make_operator
+
+import pcmx
+from pcmx.errors import SchemaError, StoreError, StoreExistsError
+from pcmx.io import store as store_mod
+
+
+def test_round_trip_keeps_values_dtypes_units_and_provenance(tmp_path, operator_ds):
+    path = tmp_path / "op.zarr"
+    pcmx.save_store(operator_ds, path)
+    ds = pcmx.open_store(path)
+    assert ds["coefficients"].chunks is not None  # lazy, dask-backed
+    for name in ("psf_basis", "coefficients"):
+        assert ds[name].dtype == np.float32
+        np.testing.assert_array_equal(ds[name].values, operator_ds[name].values)
+    assert ds["x"].attrs["units"] == "micrometer"
+    np.testing.assert_allclose(float(ds["x"][1] - ds["x"][0]), 0.065)
+    assert ds.attrs["pcmx_type"] == "operator"
+    assert ds.attrs["pcmx_schema_version"] == "1.0"
+    assert ds.attrs["pcmx_version"] == pcmx.__version__
+    q = ds.pint.quantify()
+    assert str(q["x"].data.units) if hasattr(q["x"].data, "units") else True
+    # plain xarray reads it too (the store layout is a contract)
+    plain = xr.open_zarr(path, consolidated=False)
+    assert plain["psf_basis"].dims == ("component", "ky", "kx")
+
+
+def test_quantify_gives_micrometer_coordinates(tmp_path, operator_ds):
+    pcmx.save_store(operator_ds, tmp_path / "op.zarr")
+    q = pcmx.open_store(tmp_path / "op.zarr").pint.quantify()
+    assert q.pint.dequantify()["x"].attrs["units"] in ("micrometer", "µm")
+
+
+def test_refuses_overwrite_and_overwrites_when_asked(tmp_path, operator_ds):
+    path = tmp_path / "op.zarr"
+    pcmx.save_store(operator_ds, path)
+    with pytest.raises(StoreExistsError, match=r"op.zarr: already exists; use overwrite=True"):
+        pcmx.save_store(operator_ds, path)
+    other = make_operator(seed=3)
+    pcmx.save_store(other, path, overwrite=True)
+    np.testing.assert_array_equal(pcmx.open_store(path)["coefficients"].values, other["coefficients"].values)
+    assert [p.name for p in tmp_path.iterdir()] == ["op.zarr"]  # no temporary siblings left
+
+
+def test_never_replaces_a_non_store(tmp_path, operator_ds):
+    path = tmp_path / "data"
+    path.mkdir()
+    (path / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreExistsError, match="is not a pcmx store; refusing to replace it"):
+        pcmx.save_store(operator_ds, path, overwrite=True)
+    assert (path / "precious.txt").read_text() == "keep me"
+
+
+def test_failure_mid_write_leaves_old_store_intact(tmp_path, operator_ds, monkeypatch):
+    path = tmp_path / "op.zarr"
+    pcmx.save_store(operator_ds, path)
+    before = operator_ds["coefficients"].values.copy()
+    real = xr.Dataset.to_zarr
+
+    def crash(self, target, *a, **k):
+        real(self, target, *a, **k)  # the data reach the temporary store ...
+        raise OSError("disk full")  # ... and then the write fails
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", crash)
+    with pytest.raises(StoreError, match=r"op.zarr: write failed \(OSError: disk full\); nothing changed"):
+        pcmx.save_store(make_operator(seed=5), path, overwrite=True)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(pcmx.open_store(path)["coefficients"].values, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["op.zarr"]
+
+
+def test_invalid_dataset_writes_nothing(tmp_path, operator_ds):
+    bad = operator_ds.drop_vars("coefficients")
+    with pytest.raises(SchemaError, match="missing variable 'coefficients'"):
+        pcmx.save_store(bad, tmp_path / "bad.zarr")
+    assert not (tmp_path / "bad.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda ds: ds.assign_attrs(pcmx_type="family"), "missing variable 'spatial_basis'"),
+        (lambda ds: ds.drop_vars("psf_basis"), "missing variable 'psf_basis'"),
+        (lambda ds: ds.rename_dims(kx="kk"), "variable 'psf_basis' dims is"),
+        (lambda ds: ds.isel(kx=slice(0, 6)), "variable 'psf_basis' shape 2"),
+        (lambda ds: ds.assign(psf_basis=ds.psf_basis.where(ds.ky != 0)), "psf_basis contains NaN"),
+        (lambda ds: ds.assign_attrs(pcmx_schema_version="2.0"), "newer than the 1.0 this pcmx reads"),
+        (lambda ds: ds.assign_attrs(pcmx_type=None) if False else ds.drop_attrs(), "not a pcmx result"),
+    ],
+)
+def test_schema_errors(operator_ds, mutate, message):
+    with pytest.raises(SchemaError, match=message):
+        pcmx.validate(mutate(operator_ds))
+
+
+def test_open_rejects_wrong_kind_and_non_stores(tmp_path, operator_ds):
+    pcmx.save_store(operator_ds, tmp_path / "op.zarr")
+    with pytest.raises(SchemaError, match="is a pcmx 'operator' store, expected 'family'"):
+        pcmx.open_store(tmp_path / "op.zarr", kind="family")
+    with pytest.raises(StoreError, match="no such store"):
+        pcmx.open_store(tmp_path / "missing.zarr")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        pcmx.open_store(tmp_path / "file.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        pcmx.open_store(tmp_path / "empty")
+
+
+def test_open_rejects_a_newer_store_on_disk(tmp_path, operator_ds):
+    path = tmp_path / "op.zarr"
+    pcmx.save_store(operator_ds, path)
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["pcmx_schema_version"] = "9.0"
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(SchemaError, match="written with pcmx schema 9.0"):
+        pcmx.open_store(path)
+
+
+def test_packaged_schemas_match_repository_copies():
+    root = Path(__file__).resolve().parents[1]
+    for f in (root / "schemas").glob("*.json"):
+        assert json.loads(f.read_text()) == json.loads((root / "pcmx" / "schemas" / f.name).read_text())
+
+
+def test_fsspec_memory_url(operator_ds):
+    url = "memory://pcmx-test/op.zarr"
+    pcmx.save_store(operator_ds, url)
+    ds = pcmx.open_store(url)
+    np.testing.assert_array_equal(ds["psf_basis"].values, operator_ds["psf_basis"].values)
+    with pytest.raises(StoreExistsError):
+        pcmx.save_store(operator_ds, url)
