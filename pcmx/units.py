@@ -76,8 +76,10 @@ def format_length(um: float | None) -> str:
     """``0.065`` -> ``"65 nm"`` (``"unknown (pixel units)"`` for None)."""
     if um is None:
         return "unknown (pixel units)"
-    q = ureg.Quantity(float(um), "micrometer").to_compact()
-    return f"{q.magnitude:.4g} {q.units:~P}"
+    # pint's to_compact() warns on the registry pint-xarray configures (array-like magnitudes)
+    if um < 1:
+        return f"{um * 1000:.4g} nm"
+    return f"{um:.4g} µm"
 
 
 def _axis_coord(n: int, step: float | None, dim: str, *, centred: bool) -> xr.DataArray:
