@@ -80,6 +80,15 @@ def _encoding(ds: xr.Dataset) -> dict:
     return enc
 
 
+def _portable_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Fixed-width unicode arrays have no stable Zarr v3 spec: store them as variable-length."""
+    fixed = [k for k, v in ds.variables.items() if v.dtype.kind == "U"]
+    if not fixed:
+        return ds
+    return ds.assign_coords({k: ds[k].astype(object) for k in fixed if k in ds.coords}).assign(
+        {k: ds[k].astype(object) for k in fixed if k in ds.data_vars})
+
+
 def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | None = None) -> str:
     """Validate ``ds`` and write it as a Zarr v3 store at ``path``, atomically.
 
@@ -120,6 +129,7 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
         pass
     ds = _with_provenance(ds)
     validate(ds, source=path, require_provenance=True)
+    ds = _portable_strings(ds)
     if group is not None:
         ds.to_zarr(path, group=group, mode="w" if overwrite else "w-", zarr_format=3,
                    consolidated=False, encoding=_encoding(ds))
