@@ -192,9 +192,8 @@ def fit_psf_basis(patches, n_components: int | None = None, *, outlier_sigma: fl
         for name, cvar in patches.coords.items():
             if cvar.dims == (patches.dims[0],):
                 coords[name] = ("bead", np.asarray(cvar.values)[kept], dict(cvar.attrs))
-            elif cvar.dims and set(cvar.dims) <= set(patches.dims[1:]):
-                coords[name] = cvar.rename({d: k for d, k in zip(patches.dims[1:], kdims)}
-                                           ) if tuple(patches.dims[1:]) != kdims else cvar
+            elif cvar.dims and tuple(patches.dims[1:]) == kdims and set(cvar.dims) <= set(kdims):
+                coords[name] = cvar
     ds = xr.Dataset(
         {
             "psf_basis": (("component", *kdims), h.reshape(n_i, *kshape).astype(np.float32)),
