@@ -23,7 +23,7 @@ _LAZY = {
     "ProductConvolution": "pcmx.operator",
     "simulate": "pcmx.simulate",
     "learn_operator": "pcmx.learn",
-    "cross_validate": "pcmx.validate",
+    "cross_validate": "pcmx.cross_validation",
     "learn_family": "pcmx.family",
     "deblur": "pcmx.deblur",
     "testing": "pcmx.testing",

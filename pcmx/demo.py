@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         comb[16::32, 16::32] = 1.0
         blurred = ProductConvolution(learned).apply(comb)
         fig, ax = plt.subplots(figsize=(6, 6))
-        ax.imshow(np.asarray(blurred) ** 0.5, cmap="magma")
+        ax.imshow(np.sqrt(np.clip(np.asarray(blurred), 0, None)), cmap="magma")
         ax.set_axis_off()
         ax.set_title("operator applied to a Dirac comb")
         fig.savefig(os.path.join(out, "dirac_comb.png"), dpi=100, bbox_inches="tight")

@@ -1,0 +1,763 @@
+"""Bead detection, isolation, sub-pixel centring and patch extraction (paper App. A a-d).
+
+The steps, each a public function a user can call and inspect::
+
+    detect_beads        maxima of the Laplacian of a blurred image above a threshold    (A-a)
+    estimate_psf_radius r, the PSF radius bound, from the radial profiles of bright beads
+    reject_beads        keep beads r_ext from the border, 2r from any other bead,
+                        and not saturated                                              (A-b)
+    center_beads        maximum of the correlation with a continuous Gaussian          (A-c)
+    extract_patches     bicubic (cubic B-spline) re-sampling around that centre        (A-c)
+    bump_multiplier     the radial multiplier m(t), 1 below r, 0 above r_ext = 1.2 r    (A-d)
+
+Conventions
+-----------
+Positions are ``(N, ndim)`` float arrays in pixel units, ``(y, x)`` or ``(z, y, x)``, sorted
+by decreasing detection strength (:func:`detect_beads` returns them so and every later step
+keeps the order). A radius ``r`` is one number of pixels or one per axis (z-stacks usually
+have coarser planes than pixels); distances between beads are measured in units of ``r``
+(``sqrt(sum_d (delta_d / r_d)^2)``). Patches are a DataArray ``(bead, ky, kx)`` (3D:
+``(bead, kz, ky, kx)``) of odd side ``2 * ceil(1.2 r) + 1`` with the centre at index
+``size // 2``, coordinates ``bead_y``, ``bead_x`` (and ``bead_z``) along ``bead`` (sub-pixel
+centres, pixel units) and kernel offsets ``ky``, ``kx`` in pixels; attrs ``psf_radius`` and
+``r_ext`` (pixels, one per axis).
+
+Every step vectorises over beads (gathered windows, batched matrix products); nothing loops
+over pixels. Float32 in, float32 out.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import scipy.ndimage as ndi
+import xarray as xr
+from scipy.spatial import cKDTree
+
+from .errors import InputError
+from .units import kernel_coords
+
+__all__ = [
+    "as_image_array",
+    "detect_beads",
+    "estimate_psf_radius",
+    "saturation_level",
+    "classify_beads",
+    "reject_beads",
+    "center_beads",
+    "extract_patches",
+    "bump_multiplier",
+    "patch_half_size",
+    "radius_vector",
+    "REJECTION_REASONS",
+]
+
+SPATIAL_DIMS = ("z", "y", "x")
+KERNEL_DIMS = ("kz", "ky", "kx")
+#: Reasons :func:`classify_beads` gives, in order of priority (a bead is counted once).
+REJECTION_REASONS = ("border", "saturated", "crowded")
+#: r_ext / r (App. A-d: "In practice, we set r_ext = 1.2 r").
+R_EXT_FACTOR = 1.2
+#: Extra pixels gathered around each patch so the B-spline prefilter's boundary does not reach it.
+_SPLINE_MARGIN = 6
+#: Smallest image side that can hold a bead.
+_MIN_SIDE = 8
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+def as_image_array(image, *, name: str = "image") -> np.ndarray:
+    """A validated float32 copy-free view of a 2D ``(y, x)`` or 3D ``(z, y, x)`` image.
+
+    Parameters
+    ----------
+    image : array_like or DataArray
+        Any real array with 2 or 3 dimensions (a DataArray's values are used).
+    name : str
+        The argument's name in error messages.
+
+    Returns
+    -------
+    ndarray float32
+
+    Raises
+    ------
+    InputError
+        Wrong number of dimensions, a side shorter than 8 pixels, NaN or infinite values, a
+        constant image, or a non-numeric array.
+    """
+    data = image.values if isinstance(image, xr.DataArray) else np.asarray(image)
+    if data.ndim not in (2, 3):
+        raise InputError(f"{name}: expected a 2D (y, x) or 3D (z, y, x) array, got "
+                         f"{data.ndim} dimensions with shape {tuple(data.shape)}")
+    if data.dtype.kind not in "uifb":
+        raise InputError(f"{name}: expected a real numeric array, got dtype {data.dtype}")
+    spatial = data.shape[-2:]
+    if min(spatial) < _MIN_SIDE:
+        raise InputError(f"{name}: shape {tuple(data.shape)} is too small to hold a bead "
+                         f"(need at least {_MIN_SIDE} pixels along y and x)")
+    out = data.astype(np.float32, copy=False)
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(out)
+        if bad.any():
+            raise InputError(f"{name}: contains {int(bad.sum())} NaN or infinite values; "
+                             "fill or crop them before detecting beads")
+    lo, hi = float(out.min()), float(out.max())
+    if lo == hi:
+        raise InputError(f"{name}: is constant ({lo:g}); there are no beads to detect")
+    return out
+
+
+def radius_vector(r, ndim: int, *, name: str = "psf_radius") -> np.ndarray:
+    """``r`` as one positive float per axis (a scalar is broadcast)."""
+    try:
+        vec = np.asarray(r, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}={r!r} must be a positive number of pixels (or one per axis)") from None
+    if vec.size == 1:
+        vec = np.repeat(vec, ndim)
+    if vec.size != ndim or not np.all(np.isfinite(vec)) or np.any(vec <= 0):
+        raise InputError(f"{name}={r!r} must be a positive number of pixels (or one per axis, "
+                         f"{ndim} values)")
+    return vec
+
+
+def patch_half_size(r, ndim: int, *, r_ext_factor: float = R_EXT_FACTOR) -> np.ndarray:
+    """Half side of the patches, ``ceil(r_ext)`` per axis with ``r_ext = 1.2 r`` (App. A-d)."""
+    return np.ceil(radius_vector(r, ndim) * r_ext_factor - 1e-9).astype(np.int64)
+
+
+def _positions(positions, ndim: int, *, name: str = "positions") -> np.ndarray:
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.ndim == 1 and pos.size == 0:
+        pos = pos.reshape(0, ndim)
+    if pos.ndim != 2 or pos.shape[1] != ndim:
+        raise InputError(f"{name}: expected an (N, {ndim}) array of pixel positions, got shape "
+                         f"{pos.shape}")
+    if not np.all(np.isfinite(pos)):
+        raise InputError(f"{name}: contains NaN or infinite positions")
+    return pos
+
+
+def _sigma_vector(sigma, ndim: int, name: str = "sigma") -> np.ndarray:
+    return radius_vector(sigma, ndim, name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# gathering windows (vectorised over beads)
+# --------------------------------------------------------------------------------------------
+def _gather(image: np.ndarray, centres: np.ndarray, half) -> np.ndarray:
+    """Windows ``image[c - half : c + half + 1]`` around integer centres, edges replicated.
+
+    Returns ``(M, 2 half_0 + 1, ..., 2 half_{d-1} + 1)``; indices outside the image are clipped
+    (edge replication), so the call never fails near borders.
+    """
+    nd = image.ndim
+    half = np.broadcast_to(np.asarray(half, dtype=np.int64), (nd,))
+    idx = []
+    for d in range(nd):
+        k = np.arange(-half[d], half[d] + 1)
+        ii = np.clip(centres[:, d, None].astype(np.int64) + k[None, :], 0, image.shape[d] - 1)
+        shape = [len(centres)] + [1] * nd
+        shape[1 + d] = k.size
+        idx.append(ii.reshape(shape))
+    return image[tuple(idx)]
+
+
+def _offset_grids(half) -> list[np.ndarray]:
+    return [np.arange(-h, h + 1, dtype=np.float64) for h in half]
+
+
+def _normalised_radius(half, r: np.ndarray) -> np.ndarray:
+    """``sqrt(sum_d (k_d / r_d)^2)`` on the kernel grid of half sizes ``half``."""
+    grids = np.meshgrid(*_offset_grids(half), indexing="ij")
+    return np.sqrt(sum((g / rd) ** 2 for g, rd in zip(grids, r, strict=True)))
+
+
+# --------------------------------------------------------------------------------------------
+# A-a: detection
+# --------------------------------------------------------------------------------------------
+def _log_kernel_norm(sigma: np.ndarray) -> float:
+    """l2 norm of the (scale-normalised) LoG filter: noise gain for white noise of unit std."""
+    half = np.ceil(4 * sigma).astype(int) + 1
+    delta = np.zeros(tuple(2 * half + 1), dtype=np.float64)
+    delta[tuple(half)] = 1.0
+    resp = ndi.gaussian_laplace(delta, sigma) * float(np.mean(sigma)) ** 2
+    return float(np.sqrt(np.sum(resp**2)))
+
+
+def _robust_noise(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation (of a strided subsample on large arrays)."""
+    v = values
+    step = max(1, int(np.ceil((v.size / 2_000_000) ** (1 / v.ndim))))
+    if step > 1:
+        v = v[tuple(slice(None, None, step) for _ in range(v.ndim))]
+    v = v.ravel()
+    med = np.median(v)
+    return float(1.4826 * np.median(np.abs(v - med)))
+
+
+def _quantisation_step(image: np.ndarray) -> float:
+    """1 for integer-valued images (quantisation noise floor), 0 otherwise."""
+    sample = image.ravel()[:: max(1, image.size // 100_000)]
+    return 1.0 if np.all(sample == np.round(sample)) else 0.0
+
+
+def _suppress(positions: np.ndarray, radius: np.ndarray, values: np.ndarray | None = None,
+              ratio: float | None = None) -> np.ndarray:
+    """Greedy non-maximum suppression: drop any position within ``radius`` (normalised
+    distance < 1) of an earlier (stronger) kept one, and, with ``values`` and ``ratio``, only
+    if its value is below ``ratio`` times that one's. Returns the kept mask."""
+    n = len(positions)
+    keep = np.ones(n, dtype=bool)
+    if n < 2:
+        return keep
+    tree = cKDTree(positions / radius)
+    pairs = tree.query_pairs(1.0 - 1e-9, output_type="ndarray")
+    if len(pairs) == 0:
+        return keep
+    pairs = np.sort(pairs, axis=1)
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    # neighbours of each i among later (weaker) detections, in CSR form
+    starts = np.searchsorted(pairs[:, 0], np.arange(n + 1))
+    for i in np.unique(pairs[:, 0]):  # loop over detections with neighbours, not pixels
+        if keep[i]:
+            js = pairs[starts[i]:starts[i + 1], 1]
+            if ratio is not None:
+                js = js[values[js] < ratio * values[i]]
+            keep[js] = False
+    return keep
+
+
+def detect_beads(image, *, threshold: float | None = None, sigma=1.5, snr: float = 6.0,
+                 merge_radius="auto", merge_ratio: float = 0.05) -> tuple[np.ndarray, dict]:
+    """Rough bead detection: maxima of the Laplacian of a blurred image (paper App. A-a).
+
+    The response is ``-sigma^2 * LoG_sigma(u)`` (a bright blob gives a positive maximum).
+    Its local maxima above ``threshold`` are the candidate beads. Without a threshold, it is
+    ``snr`` times a robust noise estimate of the response (1.4826 x its median absolute
+    deviation over the image; beads are sparse so the median sees noise), floored by the
+    quantisation noise of integer images.
+
+    Aberrated PSFs have several maxima (Airy rings, coma lobes): maxima within
+    ``merge_radius`` of a stronger one are merged into it (they belong to its PSF), and so are
+    maxima within twice that distance (the crowding distance of :func:`reject_beads`) whose
+    response is below ``merge_ratio`` times the stronger one's (outer Airy rings of bright
+    beads; a bead that faint would add less than that fraction to the patch, where the bump
+    multiplier is already small). A real neighbour that close and brighter is merged too; the
+    patch then holds two beads and the z-score test of
+    :func:`pcmx.psf_basis.fit_psf_basis` (App. A-f) removes it.
+
+    Parameters
+    ----------
+    image : array_like or DataArray, (y, x) or (z, y, x)
+    threshold : float, optional
+        Detection threshold on the response (image units); automatic when None.
+    sigma : float or sequence
+        Blur of the Laplacian of Gaussian, pixels (one per axis allowed).
+    snr : float
+        Automatic threshold in units of the response's noise.
+    merge_radius : "auto", float, sequence or None
+        Maxima closer than this to a stronger maximum are merged into it. ``"auto"``: the PSF
+        radius :func:`estimate_psf_radius` measures on the maxima; None: no merging.
+    merge_ratio : float
+        Relative response below which a maximum within ``2 merge_radius`` of a stronger one is
+        merged into it.
+
+    Returns
+    -------
+    positions : ndarray float64 (N, ndim)
+        Integer pixel positions of the beads, strongest first.
+    info : dict
+        ``threshold``, ``noise`` (response noise), ``sigma``, ``response`` (N,),
+        ``n_maxima`` (before merging), ``n_merged``, ``merge_radius``, ``n_detected``.
+
+    Raises
+    ------
+    InputError
+        Bad image (see :func:`as_image_array`), a non-positive threshold or sigma, or no
+        maximum above the threshold.
+    """
+    img = as_image_array(image)
+    nd = img.ndim
+    sig = _sigma_vector(sigma, nd)
+    if threshold is not None and (not isinstance(threshold, numbers.Real) or not np.isfinite(threshold)
+                                  or threshold <= 0):
+        raise InputError(f"threshold={threshold!r} must be a positive number")
+    if not isinstance(snr, numbers.Real) or not snr > 0:
+        raise InputError(f"snr={snr!r} must be a positive number")
+    resp = ndi.gaussian_laplace(img, sig, output=np.float32)
+    resp *= np.float32(-float(np.mean(sig)) ** 2)
+    noise = _robust_noise(resp)
+    q = _quantisation_step(img)
+    floor = q / np.sqrt(12.0) * _log_kernel_norm(sig)
+    noise = max(noise, floor)
+    thr = float(threshold) if threshold is not None else float(snr * noise)
+    if thr <= 0:
+        thr = float(np.finfo(np.float32).tiny)
+    # local maxima over a (2 ceil(sigma) + 1) box, tested only where the response exceeds the
+    # threshold (a few pixels per bead) instead of max-filtering the whole image
+    half = np.ceil(sig).astype(np.int64)
+    above = np.argwhere(resp > thr)
+    if len(above):
+        win = _gather(resp, above, half).reshape(len(above), -1)
+        is_max = win.max(axis=1) <= resp[tuple(above.T)]
+        coords = above[is_max]
+    else:
+        coords = above
+    values = resp[tuple(coords.T)]
+    if len(coords) == 0:
+        raise InputError(f"image: no beads detected (no Laplacian-of-Gaussian maximum above "
+                         f"threshold={thr:.4g}; response noise {noise:.4g}); lower the threshold")
+    order = np.argsort(-values, kind="stable")
+    coords, values = coords[order].astype(np.float64), values[order]
+    # exact ties (plateaus of the response, e.g. saturated cores) give adjacent duplicates
+    keep = _suppress(coords, np.full(nd, 1.5))
+    coords, values = coords[keep], values[keep]
+    n_maxima = len(coords)
+    if isinstance(merge_radius, str):
+        if merge_radius != "auto":
+            raise InputError(f"merge_radius={merge_radius!r} must be 'auto', a number of pixels or None")
+        mr = radius_vector(estimate_psf_radius(img, coords, sigma=sig), nd)
+    elif merge_radius is None:
+        mr = None
+    else:
+        mr = radius_vector(merge_radius, nd, name="merge_radius")
+    if mr is not None:
+        keep = _suppress(coords, mr)
+        coords, values = coords[keep], values[keep]
+        # much weaker maxima out to the crowding distance 2r: Airy rings, halos
+        keep = _suppress(coords, 2 * mr, values, merge_ratio)
+        coords, values = coords[keep], values[keep]
+    info = {
+        "threshold": thr,
+        "noise": float(noise),
+        "sigma": sig.tolist(),
+        "snr": float(snr),
+        "response": values.astype(np.float64),
+        "n_maxima": int(n_maxima),
+        "n_merged": int(n_maxima - len(coords)),
+        "merge_radius": None if mr is None else mr.tolist(),
+        "n_detected": int(len(coords)),
+    }
+    return coords, info
+
+
+# --------------------------------------------------------------------------------------------
+# the PSF radius r
+# --------------------------------------------------------------------------------------------
+def _ring_profiles(windows: np.ndarray, rho: np.ndarray, nbins: int) -> np.ndarray:
+    """Median over each integer-radius ring of each window: ``(M, nbins)``."""
+    ring = np.rint(rho).astype(np.int64).ravel()
+    flat = windows.reshape(len(windows), -1)
+    out = np.full((len(windows), nbins), np.nan)
+    for b in range(nbins):  # loop over radii (tens), vectorised over beads and pixels
+        sel = ring == b
+        if sel.any():
+            out[:, b] = np.median(flat[:, sel], axis=1)
+    return out
+
+
+def _crossing(excess: np.ndarray, level: np.ndarray, run: int = 3) -> np.ndarray:
+    """First radius from which ``excess <= level`` holds for ``run`` consecutive radii."""
+    below = excess <= level[:, None]
+    n = below.shape[1]
+    ok = np.ones((below.shape[0], n - run + 1), dtype=bool)
+    for j in range(run):
+        ok &= below[:, j:n - run + 1 + j]
+    first = np.where(ok.any(axis=1), ok.argmax(axis=1), n - 1)
+    return first.astype(np.float64)
+
+
+def estimate_psf_radius(image, positions, *, max_radius: int | None = None, n_candidates: int = 16,
+                        noise_factor: float = 1.0, sigma=1.5, return_info: bool = False):
+    """Estimate r, an upper bound of the PSF radius, where bead profiles drop into noise.
+
+    Paper App. A-b: r bounds the radius beyond which "the information brought by the image is
+    dominated by noise". For up to ``n_candidates`` of the strongest beads that are the
+    strongest within ``max_radius`` (so not a lobe of a brighter bead) and lie ``max_radius``
+    from the border, the radial profile (median over each 1-pixel ring, robust to a neighbour
+    crossing the ring) minus the background (median of the outermost rings) is compared with
+    ``noise_factor`` x the pixel noise (1.4826 x MAD of the outer rings, pooled over beads,
+    floored by the quantisation noise of integer images). A bead's radius is the first radius
+    from which its profile stays below that level for three rings; r is the median over beads.
+    For z-stacks the lateral radius is measured in each bead's plane and the axial one along
+    the axis through its centre.
+
+    Parameters
+    ----------
+    image : array_like or DataArray, (y, x) or (z, y, x)
+    positions : array_like (N, ndim)
+        Detections, strongest first (as :func:`detect_beads` returns them).
+    max_radius : int, optional
+        Largest radius measured (pixels); ``min(40, (side - 1) // 4)`` by default.
+    n_candidates : int
+        Number of beads measured.
+    noise_factor : float
+        The profile is "in the noise" below this many pixel-noise standard deviations.
+    sigma : float or sequence
+        The detection blur; r is at least ``2 sigma``.
+    return_info : bool
+        Also return a dict with the per-bead radii, the noise level and the mean profile.
+
+    Returns
+    -------
+    r : int (2D) or tuple of ints ``(r_z, r_y, r_x)`` (3D)
+    info : dict, only if ``return_info``
+
+    Raises
+    ------
+    InputError
+        Bad image or positions.
+    """
+    img = as_image_array(image)
+    nd = img.ndim
+    pos = _positions(positions, nd)
+    sig = _sigma_vector(sigma, nd)
+    lateral = img.shape[-2:]
+    rmax = int(max_radius) if max_radius is not None else int(min(40, (min(lateral) - 1) // 4))
+    rmin = int(np.ceil(2 * sig.max()))
+    rmax = max(rmax, rmin + 3)
+    info: dict = {"max_radius": rmax, "fallback": False}
+    ci = np.rint(pos).astype(np.int64)
+    inside = np.all((ci[:, -2:] >= rmax) & (ci[:, -2:] <= np.asarray(lateral) - 1 - rmax), axis=1)
+    # strongest within rmax: no earlier (stronger) detection closer than rmax
+    strongest = _suppress(pos[:, -2:], np.full(2, float(rmax))) if len(pos) else np.zeros(0, bool)
+    cand = np.flatnonzero(inside & strongest)
+    if cand.size == 0:
+        cand = np.flatnonzero(inside)
+    if cand.size == 0:
+        r = max(rmin, int(np.ceil(3 * sig.max())))
+        info.update(fallback=True, radii=[], noise=float("nan"))
+        out = r if nd == 2 else (r, r, r)
+        return (out, info) if return_info else out
+    cand = cand[:n_candidates]
+    c = ci[cand]
+    # lateral profile in each bead's plane
+    plane = img if nd == 2 else None
+    if nd == 3:
+        win = _gather(img, c, (0, rmax, rmax))[:, 0]
+    else:
+        win = _gather(plane, c, (rmax, rmax))
+    win = win.astype(np.float64)
+    rho = _normalised_radius((rmax, rmax), np.ones(2))
+    outer = (rho >= rmax - 2.5) & (rho <= rmax)
+    outer_px = win.reshape(len(c), -1)[:, outer.ravel()]
+    bg = np.median(outer_px, axis=1)
+    mad = 1.4826 * np.median(np.abs(outer_px - bg[:, None]), axis=1)
+    q = _quantisation_step(img)
+    noise = max(float(np.median(mad)), q / np.sqrt(12.0))
+    prof = _ring_profiles(win, rho, rmax + 1) - bg[:, None]
+    radii = _crossing(prof, np.full(len(c), noise_factor * noise))
+    r_lat = int(np.clip(np.round(np.median(radii)), rmin, rmax))
+    info.update(radii=radii.tolist(), noise=noise, profile=np.nanmean(prof, axis=0).tolist(),
+                n_beads=int(len(c)))
+    if nd == 2:
+        return (r_lat, info) if return_info else r_lat
+    # axial: mean over the 3x3 core at each plane offset, background of the bead's plane
+    nz = img.shape[0]
+    rz_max = max(2, (nz - 1) // 2)
+    col = _gather(img, c, (rz_max, 1, 1)).reshape(len(c), 2 * rz_max + 1, -1).mean(axis=2)
+    prof_z = col - bg[:, None]
+    up = prof_z[:, rz_max:]
+    down = prof_z[:, rz_max::-1]
+    prof_zs = np.maximum(up, down)
+    radii_z = _crossing(prof_zs, np.full(len(c), noise_factor * noise / 3.0))
+    r_ax = int(np.clip(np.round(np.median(radii_z)), max(1, int(np.ceil(2 * sig[0]))), rz_max))
+    info.update(radii_z=radii_z.tolist())
+    out = (r_ax, r_lat, r_lat)
+    return (out, info) if return_info else out
+
+
+# --------------------------------------------------------------------------------------------
+# A-b: rejection
+# --------------------------------------------------------------------------------------------
+def saturation_level(image, saturation: float | None = None) -> float | None:
+    """The level at or above which a pixel is saturated (None: no saturation seen).
+
+    Given ``saturation`` is returned as is. Otherwise the image maximum counts as saturation
+    when it forms a plateau (two adjacent pixels at the maximum, the signature of clipping) or,
+    for integer images, when it is the largest value of the dtype.
+    """
+    if saturation is not None:
+        if not isinstance(saturation, numbers.Real) or not np.isfinite(saturation):
+            raise InputError(f"saturation={saturation!r} must be a finite number")
+        return float(saturation)
+    data = image.values if isinstance(image, xr.DataArray) else np.asarray(image)
+    vmax = data.max()
+    if data.dtype.kind in "ui" and vmax == np.iinfo(data.dtype).max:
+        return float(vmax)
+    at_max = data == vmax
+    if at_max.sum() < 2:
+        return None
+    for d in range(data.ndim):
+        a = np.swapaxes(at_max, 0, d)
+        if np.any(a[1:] & a[:-1]):
+            return float(vmax)
+    return None
+
+
+def classify_beads(positions, shape, r, *, image=None, saturation: float | None = None,
+                   r_ext_factor: float = R_EXT_FACTOR) -> np.ndarray:
+    """Why each detection is rejected (App. A-b): ``""`` (kept), ``"border"``, ``"saturated"``
+    or ``"crowded"``, in that priority.
+
+    * border: the patch (half side ``ceil(r_ext)``, ``r_ext = 1.2 r``) does not fit in the image;
+    * saturated: a pixel within 2 pixels of the detection reaches :func:`saturation_level`
+      (needs ``image``);
+    * crowded: another detection closer than ``2 r``.
+
+    Returns
+    -------
+    ndarray of str (N,)
+    """
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+    pos = _positions(positions, nd)
+    rv = radius_vector(r, nd)
+    half = patch_half_size(rv, nd, r_ext_factor=r_ext_factor)
+    reason = np.full(len(pos), "", dtype=object)
+    if len(pos) == 0:
+        return reason.astype(str)
+    ci = np.rint(pos).astype(np.int64)
+    border = ~np.all((ci >= half) & (ci <= np.asarray(shape) - 1 - half), axis=1)
+    crowded = np.zeros(len(pos), dtype=bool)
+    if len(pos) > 1:
+        pairs = cKDTree(pos / rv).query_pairs(2.0 - 1e-9, output_type="ndarray")
+        if len(pairs):
+            crowded[pairs.ravel()] = True
+    saturated = np.zeros(len(pos), dtype=bool)
+    if image is not None:
+        data = image.values if isinstance(image, xr.DataArray) else np.asarray(image)
+        level = saturation_level(data, saturation)
+        if level is not None:
+            core = _gather(data, ci, 2)
+            saturated = core.reshape(len(pos), -1).max(axis=1) >= level
+    reason[crowded] = "crowded"
+    reason[saturated] = "saturated"
+    reason[border] = "border"
+    return reason.astype(str)
+
+
+def reject_beads(positions, shape, r, *, image=None, saturation: float | None = None,
+                 r_ext_factor: float = R_EXT_FACTOR) -> tuple[np.ndarray, dict]:
+    """Keep isolated, unsaturated beads whose patch fits in the image (paper App. A-b).
+
+    Parameters
+    ----------
+    positions : array_like (N, ndim)
+    shape : tuple
+        Image shape.
+    r : float or sequence
+        PSF radius bound, pixels.
+    image : array_like, optional
+        The raw image (its own dtype), to find saturated beads.
+    saturation : float, optional
+        Saturation level; see :func:`saturation_level`.
+
+    Returns
+    -------
+    keep : ndarray bool (N,)
+    counts : dict
+        Number of rejected detections per reason ``{"border", "saturated", "crowded"}``.
+    """
+    reason = classify_beads(positions, shape, r, image=image, saturation=saturation,
+                            r_ext_factor=r_ext_factor)
+    counts = {k: int(np.sum(reason == k)) for k in REJECTION_REASONS}
+    return reason == "", counts
+
+
+# --------------------------------------------------------------------------------------------
+# A-c: sub-pixel centring
+# --------------------------------------------------------------------------------------------
+def _einsum_weighted(vals: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """``sum_k vals[m, k0, k1, ...] * w0[m, k0] * w1[m, k1] ...`` -> (M,)."""
+    letters = "abc"[: len(weights)]
+    spec = "m" + letters + "," + ",".join("m" + a for a in letters) + "->m"
+    return np.einsum(spec, vals, *weights, optimize=True)
+
+
+def center_beads(image, positions, r=None, *, sigma=None, max_iter: int = 50,
+                 tol: float = 1e-4) -> np.ndarray:
+    """Sub-pixel bead centres: maxima of the correlation with a continuous Gaussian (App. A-c).
+
+    The correlation ``c(t) = sum_p (u(p) - b) G_sigma(p - t)`` is maximal where
+    ``t = sum_p (u(p) - b) G(p - t) p / sum_p (u(p) - b) G(p - t)``; this fixed point (a
+    Gaussian mean shift, monotone in ``c``) is iterated for all beads at once from the
+    detections. ``b`` is the median of each window's border (the local background), so a
+    sloped background does not pull the centre.
+
+    Parameters
+    ----------
+    image : array_like or DataArray, (y, x) or (z, y, x)
+    positions : array_like (M, ndim)
+        Initial positions (detections).
+    r : float or sequence, optional
+        PSF radius; the default Gaussian width is ``max(1, r / 4)``.
+    sigma : float or sequence, optional
+        Width of the Gaussian (pixels); overrides the default from ``r`` (1.5 without ``r``).
+
+    Returns
+    -------
+    ndarray float64 (M, ndim)
+        Sub-pixel centres, pixel units. A centre moving more than ``2 sigma`` from its
+        detection (no clear maximum) keeps its detection.
+    """
+    img = as_image_array(image)
+    nd = img.ndim
+    pos = _positions(positions, nd)
+    if sigma is not None:
+        sig = _sigma_vector(sigma, nd)
+    elif r is not None:
+        sig = np.maximum(1.0, radius_vector(r, nd) / 4.0)
+    else:
+        sig = np.full(nd, 1.5)
+    if len(pos) == 0:
+        return pos.copy()
+    half = np.ceil(3 * sig).astype(np.int64) + 2
+    ci = np.rint(pos).astype(np.int64)
+    win = _gather(img, ci, half).astype(np.float64)
+    border = _normalised_radius(half, half.astype(np.float64)) >= 1.0
+    bg = np.median(win.reshape(len(pos), -1)[:, border.ravel()], axis=1)
+    vals = win - bg.reshape((-1,) + (1,) * nd)
+    grids = _offset_grids(half)
+    t = pos - ci
+    for _ in range(max_iter):
+        g = [np.exp(-0.5 * ((k[None, :] - t[:, d, None]) / sig[d]) ** 2) for d, k in enumerate(grids)]
+        s0 = _einsum_weighted(vals, g)
+        new = np.empty_like(t)
+        for d, k in enumerate(grids):
+            gd = list(g)
+            gd[d] = g[d] * k[None, :]
+            new[:, d] = _einsum_weighted(vals, gd) / np.where(s0 > 0, s0, 1.0)
+        new[s0 <= 0] = t[s0 <= 0]
+        step = np.max(np.abs(new - t))
+        t = new
+        if step < tol:
+            break
+    lost = np.any(np.abs(t - (pos - ci)) > 2 * sig, axis=1)
+    t[lost] = (pos - ci)[lost]
+    return ci + t
+
+
+# --------------------------------------------------------------------------------------------
+# A-c: patches by bicubic re-sampling
+# --------------------------------------------------------------------------------------------
+def _bspline_matrices(frac: np.ndarray, half: int, whalf: int) -> np.ndarray:
+    """Cubic B-spline interpolation matrices ``(M, 2 half + 1, 2 whalf + 1)``: row k samples
+    window position ``whalf + frac + k`` from B-spline coefficients on the window grid."""
+    m = len(frac)
+    k = np.arange(-half, half + 1)
+    x = whalf + frac[:, None] + k[None, :]
+    fl = np.floor(x)
+    t = (x - fl)[:, :1]  # same fraction for every k of a bead
+    w = np.stack([(1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6,
+                  (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6, t**3 / 6], axis=-1)  # (M, 1, 4)
+    cols = fl.astype(np.int64)[:, :, None] - 1 + np.arange(4)[None, None, :]  # (M, P, 4)
+    a = np.zeros((m, k.size, 2 * whalf + 1))
+    mi = np.broadcast_to(np.arange(m)[:, None, None], cols.shape)
+    pi = np.broadcast_to(np.arange(k.size)[None, :, None], cols.shape)
+    np.add.at(a, (mi, pi, np.clip(cols, 0, 2 * whalf)), np.broadcast_to(w, cols.shape))
+    return a
+
+
+def extract_patches(image, positions, r, *, half_size=None,
+                    r_ext_factor: float = R_EXT_FACTOR) -> xr.DataArray:
+    """Re-sample a patch around each sub-pixel centre by cubic B-spline interpolation (App. A-c).
+
+    Each patch's samples all share the bead's sub-pixel shift, so the interpolation is
+    separable: the gathered windows are prefiltered into B-spline coefficients along each axis
+    (``scipy.ndimage.spline_filter1d``, vectorised over beads) and multiplied by one small
+    4-tap interpolation matrix per bead and axis (batched matrix products). This is what
+    ``scipy.ndimage.map_coordinates(order=3)`` computes, without a prefilter of the whole image.
+
+    Parameters
+    ----------
+    image : array_like or DataArray, (y, x) or (z, y, x)
+    positions : array_like (M, ndim)
+        Sub-pixel centres (:func:`center_beads`).
+    r : float or sequence
+        PSF radius bound; patches have half side ``ceil(1.2 r)`` (App. A-d).
+    half_size : int or sequence, optional
+        Override the half side.
+
+    Returns
+    -------
+    DataArray float32, dims ("bead", "ky", "kx") or ("bead", "kz", "ky", "kx")
+        Centre of each bead at index ``size // 2``; coords ``bead_y``, ``bead_x`` [``bead_z``]
+        (pixel units) and kernel offsets in pixels; attrs ``psf_radius``, ``r_ext``.
+
+    Raises
+    ------
+    InputError
+        No positions, or bad image, radius or positions.
+    """
+    img = as_image_array(image)
+    nd = img.ndim
+    pos = _positions(positions, nd)
+    if len(pos) == 0:
+        raise InputError("positions: no beads to extract patches from (0 positions)")
+    rv = radius_vector(r, nd)
+    half = (patch_half_size(rv, nd, r_ext_factor=r_ext_factor) if half_size is None
+            else np.broadcast_to(np.asarray(half_size, dtype=np.int64), (nd,)).copy())
+    whalf = half + _SPLINE_MARGIN
+    ci = np.rint(pos).astype(np.int64)
+    frac = pos - ci
+    coef = _gather(img, ci, whalf)
+    for d in range(nd):
+        coef = ndi.spline_filter1d(coef, order=3, axis=1 + d, mode="mirror", output=np.float32)
+    out = coef
+    m = len(pos)
+    for d in range(nd):
+        a = _bspline_matrices(frac[:, d], int(half[d]), int(whalf[d])).astype(np.float32)
+        moved = np.moveaxis(out, 1 + d, -1)  # (M, ..., W_d)
+        at = np.swapaxes(a, 1, 2).reshape((m,) + (1,) * (nd - 2) + a.shape[2:0:-1])
+        out = np.moveaxis(moved @ at, -1, 1 + d)
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    kdims = KERNEL_DIMS[-nd:]
+    sdims = SPATIAL_DIMS[-nd:]
+    coords = {"bead": np.arange(m),
+              **{f"bead_{s}": ("bead", pos[:, d], {"units": "pixel"}) for d, s in enumerate(sdims)},
+              **kernel_coords(tuple(2 * half + 1), None, dims=kdims)}
+    return xr.DataArray(out, dims=("bead", *kdims), coords=coords, name="patches",
+                        attrs={"psf_radius": rv.tolist(), "r_ext": (rv * r_ext_factor).tolist()})
+
+
+# --------------------------------------------------------------------------------------------
+# A-d: compact support
+# --------------------------------------------------------------------------------------------
+def bump_multiplier(shape, r, r_ext=None) -> np.ndarray:
+    """The radial multiplier of App. A-d on a kernel grid centred at ``size // 2``.
+
+    ``m(t) = 1`` for ``t < r``, ``0`` for ``t > r_ext``, and
+    ``exp(-1 / (1 - ((t - r) / (r_ext - r))^2) + 1)`` in between, with ``t`` the distance to
+    the centre (per-axis radii: ``t / r`` is ``sqrt(sum_d (k_d / r_d)^2)``).
+
+    Parameters
+    ----------
+    shape : tuple of odd ints
+        Kernel shape, e.g. ``patches.shape[1:]``.
+    r : float or sequence
+    r_ext : float or sequence, optional
+        Default ``1.2 r``.
+
+    Returns
+    -------
+    ndarray float32, ``shape``
+    """
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+    rv = radius_vector(r, nd)
+    ext = R_EXT_FACTOR if r_ext is None else float(np.mean(radius_vector(r_ext, nd, name="r_ext") / rv))
+    if ext <= 1:
+        raise InputError(f"r_ext={r_ext!r} must be larger than r={r!r}")
+    half = np.asarray([s // 2 for s in shape])
+    rho = _normalised_radius(half, rv)
+    s = (rho - 1.0) / (ext - 1.0)
+    m = np.zeros(rho.shape)
+    m[rho < 1.0] = 1.0
+    mid = (s >= 0) & (s < 1)
+    m[mid] = np.exp(-1.0 / (1.0 - s[mid] ** 2) + 1.0)
+    return m.astype(np.float32)
