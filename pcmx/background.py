@@ -29,13 +29,12 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 import scipy.ndimage as ndi
-import xarray as xr
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+import xarray as xr
 
 from .beads import (
     R_EXT_FACTOR,
-    _gather,
     _normalised_radius,
     _offset_grids,
     _positions,
