@@ -162,6 +162,9 @@ _HISTO = np.array([1.0, 76.0, 230.0, 76.0, 1.0]) / 384.0
 _GHOST = 2
 #: Default largest number of blocks per axis (the background is smooth; keeps the solve small).
 _MAX_BLOCKS = 32
+#: Order of the differences penalised by the smoothness term (3: holes and borders are filled
+#: by continuing the curvature, so a curved background is extrapolated without a kink).
+_PENALTY_ORDER = 3
 
 
 def _histopolation_matrix(n: int) -> sp.csr_matrix:
@@ -171,9 +174,13 @@ def _histopolation_matrix(n: int) -> sp.csr_matrix:
     return sp.csr_matrix((np.tile(_HISTO, n), (rows, cols)), shape=(n, n + 2 * _GHOST))
 
 
-def _second_difference(m: int) -> sp.csr_matrix:
-    return sp.diags([np.ones(m - 2), -2 * np.ones(m - 2), np.ones(m - 2)], [0, 1, 2],
-                    shape=(m - 2, m), format="csr")
+def _difference(m: int, order: int = _PENALTY_ORDER) -> sp.csr_matrix:
+    """Finite differences of the given order, ``(m - order, m)``."""
+    if m <= order:
+        return sp.csr_matrix((0, m))
+    taps = np.diff(np.eye(order + 1), n=order, axis=0)[0]  # e.g. [-1, 3, -3, 1]
+    return sp.diags([np.full(m - order, t) for t in taps], list(range(order + 1)),
+                    shape=(m - order, m), format="csr")
 
 
 def _kron_axis(mats: list, ax: int, op) -> sp.csr_matrix:
@@ -188,13 +195,13 @@ def _kron_axis(mats: list, ax: int, op) -> sp.csr_matrix:
 def fit_cell_spline(means: np.ndarray, weights: np.ndarray, *, smoothing: float = 1e-4) -> np.ndarray:
     """Cubic B-spline coefficients whose cell averages fit ``means`` (weighted), smoothly.
 
-    Minimises ``sum_j w_j (A c - m)_j^2 + smoothing * mean(w) * sum_axes ||D2 c||^2`` where
+    Minimises ``sum_j w_j (A c - m)_j^2 + smoothing * mean(w) * sum_axes ||D3 c||^2`` where
     ``A`` gives the average of the spline over each cell (``[1, 76, 230, 76, 1] / 384`` along
     each axis: a "histopolation", so a background in the spline space is reproduced without
     the bias that point interpolation of cell means has where the background curves) and
-    ``D2`` the second differences of the coefficients along each axis. Cells with zero weight
+    ``D3`` the third differences of the coefficients along each axis. Cells with zero weight
     (covered by beads) and the ``_GHOST`` outer coefficients are set by the smoothness term,
-    i.e. interpolated and extrapolated near-linearly. One sparse solve.
+    i.e. interpolated and extrapolated continuing the curvature. One linear solve.
 
     Returns
     -------
@@ -211,7 +218,7 @@ def fit_cell_spline(means: np.ndarray, weights: np.ndarray, *, smoothing: float 
         h = _histopolation_matrix(n)
         a = h if a is None else sp.kron(a, h, format="csr")
     lam = smoothing * float(w[w > 0].mean())
-    reg = sum(_kron_axis(ext, d, _second_difference(m)).T @ _kron_axis(ext, d, _second_difference(m))
+    reg = sum(_kron_axis(ext, d, _difference(m)).T @ _kron_axis(ext, d, _difference(m))
               for d, m in enumerate(ext))
     lhs = a.T @ sp.diags(w) @ a + lam * reg + 1e-10 * lam * sp.identity(a.shape[1])
     rhs = a.T @ (w * means.ravel())
@@ -250,6 +257,21 @@ def _evaluate_grid(coef: np.ndarray, centres: list[np.ndarray], shape) -> np.nda
     return out.astype(np.float32)
 
 
+def _block_medians(img: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
+    """Median of up to 8 evenly spaced samples per block and axis, for every block at once."""
+    nd = img.ndim
+    sample_idx = []
+    for d, e in enumerate(edges):
+        k = int(min(8, np.diff(e).min()))
+        off = np.floor((np.arange(k) + 0.5) * np.diff(e)[:, None] / k).astype(np.int64)
+        shape = [1] * (2 * nd)
+        shape[2 * d], shape[2 * d + 1] = len(e) - 1, k
+        sample_idx.append((e[:-1, None] + off).reshape(shape))
+    samples = img[tuple(sample_idx)]  # (nb_0, k_0, nb_1, k_1, ...)
+    samples = samples.transpose(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)))
+    return np.median(samples.reshape(samples.shape[:nd] + (-1,)), axis=-1).astype(np.float64)
+
+
 def _block_edges(n: int, block: int) -> np.ndarray:
     nb = max(1, int(round(n / block)))
     return np.round(np.linspace(0, n, nb + 1)).astype(np.int64)
@@ -263,22 +285,23 @@ def _block_sums(a: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
 
 
 def global_background(image, positions=None, r=None, *, block=None, mask_radius=None,
-                      snr: float = 3.0, clip: float = 4.0, smoothing: float = 1e-4,
+                      snr: float = 5.0, clip: float = 5.0, smoothing: float = 1e-4,
                       passes: int = 2) -> xr.DataArray:
     """A smooth background of the whole image estimated with the beads masked.
 
-    1. A first, robust estimate: the median of each block, fitted by :func:`fit_cell_spline`.
-    2. Mask: pixels within ``mask_radius`` (per axis, a box) of a given position or of a pixel
-       where the image blurred by a 2-pixel Gaussian exceeds that first estimate by ``snr``
-       times its noise (beads, their rings and halos, undetected beads); and pixels deviating
-       by more than ``clip`` robust sigmas (hot pixels).
+    1. A first estimate: steps 3-4 with only the given positions masked (without positions,
+       the block medians).
+    2. Mask: pixels within ``mask_radius`` (per axis, a box) of a given position, within
+       ``r / 2`` of a pixel where the residual, band-passed (a 2-pixel Gaussian blur minus a
+       13-pixel box mean), exceeds ``snr`` times its noise (bright wings and halos, undetected
+       beads), and pixels deviating by more than ``clip`` robust sigmas (hot pixels). The noise has a
+       floor (quantisation, or 1e-3 of the median level) for noise-free images.
     3. The mean of the unmasked pixels of each block, weighted by their number.
     4. The cubic spline whose cell averages fit those means (:func:`fit_cell_spline`):
        unbiased by the background's curvature within blocks, blocks hidden by beads filled
        smoothly. :func:`background_at` evaluates it anywhere.
 
-    Steps 2-4 run ``passes`` times, each masking against the previous estimate (the first
-    estimate's errors would otherwise be masked as signal).
+    Steps 2-4 run ``passes - 1`` times, each masking against the previous estimate.
 
     Parameters
     ----------
@@ -318,49 +341,57 @@ def global_background(image, positions=None, r=None, *, block=None, mask_radius=
     blk = np.minimum(blk, img.shape)
     mr = (np.ceil(2 * rv) if mask_radius is None
           else radius_vector(mask_radius, nd, name="mask_radius")).astype(np.int64)
+    sr = np.ceil(rv / 2).astype(np.int64)  # margin around pixels above the noise
     edges = [_block_edges(n, b) for n, b in zip(img.shape, blk, strict=True)]
     centres = [(e[:-1] + e[1:] - 1) / 2.0 for e in edges]
-    # 1. robust first estimate: block medians of a strided sample
-    sample_idx = []
-    for d, e in enumerate(edges):  # up to 8 evenly spaced samples per block and axis
-        k = int(min(8, np.diff(e).min()))
-        off = np.floor((np.arange(k) + 0.5) * np.diff(e)[:, None] / k).astype(np.int64)
-        shape = [1] * (2 * nd)
-        shape[2 * d], shape[2 * d + 1] = len(e) - 1, k
-        sample_idx.append((e[:-1, None] + off).reshape(shape))
-    samples = img[tuple(sample_idx)]  # (nb_0, k_0, nb_1, k_1, ...)
-    samples = samples.transpose(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)))
-    med = np.median(samples.reshape(samples.shape[:nd] + (-1,)), axis=-1).astype(np.float64)
-    coef = fit_cell_spline(med, np.ones(med.shape), smoothing=smoothing)
-    counts = np.ones(med.shape)
+    counts = np.ones([len(e) - 1 for e in edges])
     for d, e in enumerate(edges):
         shape = [1] * nd
         shape[d] = len(e) - 1
         counts = counts * np.diff(e).reshape(shape)
-    seeds0 = np.zeros(img.shape, dtype=bool)
-    if positions is not None:
+    # noise floor: quantisation of integer images, else 1e-3 of the median level (noise-free
+    # simulations would otherwise mask every rounding error of the fit)
+    floor = max(_quantisation_step(img) / np.sqrt(12.0) / 4,
+                1e-3 * float(np.median(np.abs(img[tuple(slice(None, None, 4) for _ in range(nd))]))),
+                1e-12)
+    seeds0 = None
+    if positions is not None and len(_positions(positions, nd)):
         pos = _positions(positions, nd)
         ci = np.clip(np.rint(pos).astype(np.int64), 0, np.asarray(img.shape) - 1)
+        seeds0 = np.zeros(img.shape, dtype=bool)
         seeds0[tuple(ci.T)] = True
-    floor = 1e-6 * float(img.max() - img.min()) + _quantisation_step(img) / np.sqrt(12.0) / 4
-    for it in range(passes):
-        # 2. mask beads and outliers against the current estimate; the first pass masks only
-        # the given positions and outliers (the block medians are too rough to tell a bead's
-        # faint wings from their own errors), later passes every pixel above the noise too
-        resid = img - _evaluate_grid(coef, centres, img.shape)
-        noise = max(_robust_noise(resid), floor)
-        seeds = seeds0
-        if it > 0:
-            hp = ndi.gaussian_filter(resid, 2.0)
-            seeds = (hp > snr * max(_robust_noise(hp), floor)) | seeds0
-        masked = ndi.maximum_filter(seeds.view(np.uint8), size=tuple(2 * mr + 1)).astype(bool)
-        masked |= np.abs(resid) > clip * noise
+
+    def _fit(masked):
         w = (~masked).astype(np.float32)
-        # 3. cell means, weighted by the unmasked fraction; 4. the spline
         num = _block_sums(img * w, edges)
         den = _block_sums(w, edges)
-        means = num / np.maximum(den, 1.0)
-        coef = fit_cell_spline(means, den / counts, smoothing=smoothing)
+        return fit_cell_spline(num / np.maximum(den, 1.0), den / counts, smoothing=smoothing), den
+
+    # 1. first estimate: the given beads masked, else block medians (robust to beads)
+    if seeds0 is not None:
+        mask0 = ndi.maximum_filter(seeds0.view(np.uint8), size=tuple(2 * mr + 1)).astype(bool)
+        masked = mask0
+        coef, den = _fit(masked)
+    else:
+        masked = np.zeros(img.shape, dtype=bool)
+        coef = fit_cell_spline(_block_medians(img, edges), np.ones(counts.shape),
+                               smoothing=smoothing)
+        den = counts
+    noise = float("nan")
+    for _ in range(max(passes - 1, 0)):
+        # 2. mask beads and outliers against the current estimate: band-pass (a 2-pixel blur
+        # minus a 13-pixel box mean) to find compact bright things, not the estimate's slow
+        # errors; 3.-4. cell means and the spline
+        resid = img - _evaluate_grid(coef, centres, img.shape)
+        noise = max(_robust_noise(resid), floor)
+        hp = ndi.gaussian_filter(resid, 2.0)
+        hp -= ndi.uniform_filter(resid, size=13)
+        seeds = hp > snr * max(_robust_noise(hp), floor)
+        masked = ndi.maximum_filter(seeds.view(np.uint8), size=tuple(2 * sr + 1)).astype(bool)
+        if seeds0 is not None:
+            masked |= mask0
+        masked |= np.abs(resid) > clip * noise
+        coef, den = _fit(masked)
     cc = []
     for c in centres:
         step = (c[-1] - c[0]) / (len(c) - 1) if len(c) > 1 else 1.0

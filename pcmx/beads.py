@@ -460,11 +460,13 @@ def estimate_psf_radius(image, positions, *, max_radius: int | None = None, n_ca
     nz = img.shape[0]
     rz_max = max(2, (nz - 1) // 2)
     col = _gather(img, c, (rz_max, 1, 1)).reshape(len(c), 2 * rz_max + 1, -1).mean(axis=2)
-    prof_z = col - bg[:, None]
+    planes = c[:, :1] + np.arange(-rz_max, rz_max + 1)[None, :]
+    inside_z = (planes >= 0) & (planes < nz)
+    prof_z = np.where(inside_z, col - bg[:, None], -np.inf)  # planes beyond the stack: no signal
     up = prof_z[:, rz_max:]
     down = prof_z[:, rz_max::-1]
     prof_zs = np.maximum(up, down)
-    radii_z = _crossing(prof_zs, np.full(len(c), noise_factor * noise / 3.0))
+    radii_z = _crossing(prof_zs, np.full(len(c), noise_factor * noise))
     r_ax = int(np.clip(np.round(np.median(radii_z)), max(1, int(np.ceil(2 * sig[0]))), rz_max))
     info.update(radii_z=radii_z.tolist())
     out = (r_ax, r_lat, r_lat)
