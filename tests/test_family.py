@@ -54,3 +54,17 @@ def test_rank_rule_and_errors():
     assert rank_by_threshold([100, 50, 1, 1, 1, 1, 1]) == 2
     with pytest.raises(InputError, match="at least 2 images"):
         learn_family([np.zeros((32, 32))])
+
+
+def test_learn_family_cli(sim, tmp_path, capsys):
+    from pcmx.cli import main
+    from pcmx.commands.simulate import write_tiff
+
+    for k in range(3):
+        write_tiff(str(tmp_path / f"s{k}.tif"), sim["image"].isel(state=k).values, 0.065)
+    out = tmp_path / "fam.zarr"
+    assert main(["learn-family", str(tmp_path / "s*.tif"), "-o", str(out), "--components", "3", "--modes", "2"]) == 0
+    fam = pcmx.open_store(out, kind="family")
+    assert list(fam["state"].values) == ["s0.tif", "s1.tif", "s2.tif"]
+    assert fam.sizes["mode"] == 2 and "K=3 states" in capsys.readouterr().out
+    assert main(["learn-family", str(tmp_path / "nothing*.tif"), "-o", str(tmp_path / "f2.zarr")]) == 2
