@@ -288,6 +288,10 @@ def detect_beads(image, *, threshold: float | None = None, sigma=1.5, snr: float
         raise InputError(f"threshold={threshold!r} must be a positive number")
     if not isinstance(snr, numbers.Real) or not snr > 0:
         raise InputError(f"snr={snr!r} must be a positive number")
+    if isinstance(merge_radius, str) and merge_radius != "auto":
+        raise InputError(f"merge_radius={merge_radius!r} must be 'auto', a number of pixels or None")
+    if merge_radius is not None and not isinstance(merge_radius, str):
+        radius_vector(merge_radius, nd, name="merge_radius")
     resp = ndi.gaussian_laplace(img, sig, output=np.float32)
     resp *= np.float32(-float(np.mean(sig)) ** 2)
     noise = _robust_noise(resp)
@@ -318,8 +322,6 @@ def detect_beads(image, *, threshold: float | None = None, sigma=1.5, snr: float
     coords, values = coords[keep], values[keep]
     n_maxima = len(coords)
     if isinstance(merge_radius, str):
-        if merge_radius != "auto":
-            raise InputError(f"merge_radius={merge_radius!r} must be 'auto', a number of pixels or None")
         mr = radius_vector(estimate_psf_radius(img, coords, sigma=sig), nd)
     elif merge_radius is None:
         mr = None

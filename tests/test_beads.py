@@ -127,3 +127,153 @@ def test_no_beads():
     noise = np.random.default_rng(0).normal(100, 3, (128, 128)).astype(np.float32)
     with pytest.raises(InputError, match=r"^image: no beads detected"):
         B.detect_beads(noise)
+
+
+# ---------------------------------------------------------------------------------------------
+# rings, dim beads, saturation, exactness, 3D
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def very_bright():
+    # 60000-photon beads: their outer Airy rings are LoG maxima far above the noise
+    return simulate_beads((256, 256), 40, photons=60000.0, min_separation=30, seed=5)
+
+
+def test_airy_rings_merged_into_their_bead(very_bright):
+    img = very_bright["image"].values
+    truth = _truth(very_bright)
+    pos, info = B.detect_beads(img)
+    raw, raw_info = B.detect_beads(img, merge_radius=None)
+    assert len(raw) > len(truth) + 5  # rings and lobes are maxima of the Laplacian
+    assert info["n_merged"] == info["n_maxima"] - len(pos) > 0
+    d, _ = cKDTree(truth).query(pos)
+    assert np.all(d < 2.0), d.max()  # every detection is a bead ...
+    d, _ = cKDTree(pos).query(truth)
+    assert np.all(d < 2.0)  # ... and every bead is detected
+    r = B.estimate_psf_radius(img, pos)
+    keep, reasons = B.reject_beads(pos, img.shape, r, image=img)
+    # beads are 30 px apart > 2 r: none may be rejected as crowded by its own rings
+    assert 2 * r < 30 and reasons["crowded"] == 0, (r, reasons)
+
+
+def test_dim_beads_recall_and_radius():
+    dim = simulate_beads((256, 256), 40, photons=2000.0, seed=6)
+    img = dim["image"].values
+    truth = _truth(dim)
+    pos, _ = B.detect_beads(img)
+    d, _ = cKDTree(pos).query(truth)
+    d2, _ = cKDTree(truth).query(pos)
+    assert np.mean(d < 2.0) >= 0.95 and np.mean(d2 < 3.0) >= 0.95
+    r_dim = B.estimate_psf_radius(img, pos)
+    bright = simulate_beads((256, 256), 40, photons=60000.0, min_separation=30, seed=6)
+    r_bright = B.estimate_psf_radius(bright["image"].values, B.detect_beads(bright["image"].values)[0])
+    # r is where the profile sinks into the noise: further out for brighter beads
+    assert 3 <= r_dim < r_bright <= 15, (r_dim, r_bright)
+    r, info = B.estimate_psf_radius(img, pos, return_info=True)
+    assert r == r_dim and len(info["radii"]) == info["n_beads"] > 5 and info["noise"] > 0
+
+
+def test_saturated_beads_found_from_the_plateau():
+    kw = dict(photons=60000.0, min_separation=30, seed=5)
+    sat = simulate_beads((256, 256), 40, saturation=3000, **kw)
+    img = sat["image"].values
+    assert B.saturation_level(img) == 3000.0  # a plateau at the maximum, below the dtype's
+    assert B.saturation_level(img.astype(np.float32)) == 3000.0
+    assert B.saturation_level(img, 2500) == 2500.0
+    assert B.saturation_level(np.arange(100, dtype=np.float32).reshape(10, 10)) is None
+    pos, _ = B.detect_beads(img)
+    r = B.estimate_psf_radius(img, pos)
+    reason = B.classify_beads(pos, img.shape, r, image=img)
+    clean = simulate_beads((256, 256), 40, noise=False, **kw)
+    peak = 2.0 * clean["image"].values[tuple(np.rint(pos).astype(int).T)] + 100.0  # ADU
+    inner = reason != "border"
+    assert np.all(reason[inner & (peak > 3300)] == "saturated")
+    assert not np.any(reason[peak < 2700] == "saturated")
+    keep, counts = B.reject_beads(pos, img.shape, r, image=img)
+    assert counts["saturated"] == np.sum(reason == "saturated") > 5
+    assert not np.any(keep & (reason == "saturated"))
+
+
+def _gaussian_image(shape, centres, sigma):
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    img = np.zeros(shape)
+    for c in centres:
+        img += np.exp(-sum((g - ci) ** 2 for g, ci in zip(grids, c, strict=True)) / (2 * sigma**2))
+    return img
+
+
+def test_centring_exact_without_noise():
+    centres = np.array([[20.3, 30.7], [40.61, 25.25], [33.0, 52.49]])
+    img = (1000 * _gaussian_image((64, 72), centres, 1.6) + 100).astype(np.float32)
+    start = np.rint(centres) + np.array([[1, 0], [0, -1], [1, 1]])  # detections off by a pixel
+    got = B.center_beads(img, start, 5)
+    np.testing.assert_allclose(got, centres, atol=0.01)
+    assert got.dtype == np.float64
+
+
+def test_extract_patches_equals_map_coordinates():
+    from scipy.ndimage import map_coordinates
+
+    rng = np.random.default_rng(3)
+    from scipy.ndimage import gaussian_filter
+
+    img = gaussian_filter(rng.normal(size=(80, 90)), 1.5).astype(np.float32)
+    pos = np.array([[30.3, 40.8], [45.5, 50.49], [40.0, 35.0]])
+    p = B.extract_patches(img, pos, 6)
+    k = np.arange(p.sizes["ky"]) - p.sizes["ky"] // 2
+    for m, (cy, cx) in enumerate(pos):
+        yy, xx = np.meshgrid(cy + k, cx + k, indexing="ij")
+        ref = map_coordinates(img.astype(np.float64), [yy, xx], order=3, mode="mirror")
+        np.testing.assert_allclose(p.values[m], ref, atol=1e-4 * np.abs(ref).max())
+    assert p.attrs["psf_radius"] == [6.0, 6.0] and p.attrs["r_ext"] == pytest.approx([7.2, 7.2])
+    assert p["ky"].attrs["units"] == "pixel" and float(p["ky"][p.sizes["ky"] // 2]) == 0.0
+
+
+def test_three_dimensional_steps():
+    centres = np.array([[12.3, 20.6, 30.2], [15.7, 45.2, 18.9]])
+    img = (2000 * _gaussian_image((28, 64, 56), centres, 1.5) + 50).astype(np.float32)
+    img += np.random.default_rng(0).normal(0, 1, img.shape).astype(np.float32)
+    pos, info = B.detect_beads(img)
+    assert pos.shape == (2, 3) and info["sigma"] == [1.5, 1.5, 1.5]
+    r = B.estimate_psf_radius(img, pos)
+    assert isinstance(r, tuple) and len(r) == 3 and all(2 <= v <= 8 for v in r), r
+    keep, counts = B.reject_beads(pos, img.shape, (4, 5, 5))
+    assert keep.all(), counts
+    got = B.center_beads(img, pos, (4, 5, 5))
+    order = np.argsort(got[:, 0])
+    np.testing.assert_allclose(got[order], centres, atol=0.05)
+    p = B.extract_patches(img, got, (4, 5, 5))
+    assert p.dims == ("bead", "kz", "ky", "kx") and p.shape == (2, 11, 13, 13)
+    assert set(p.coords) >= {"bead_z", "bead_y", "bead_x", "kz", "ky", "kx"}
+    # centred: the patch's own centroid sits at the kernel centre
+    w = np.clip(p.values - 50, 0, None)
+    for d, n in enumerate(p.shape[1:]):
+        k = np.arange(n) - n // 2
+        c = (w * k.reshape([-1 if a == d else 1 for a in range(3)])).sum(axis=(1, 2, 3)) / w.sum(axis=(1, 2, 3))
+        np.testing.assert_allclose(c, 0, atol=0.05)
+    m = B.bump_multiplier(p.shape[1:], (4, 5, 5))
+    assert m.shape == (11, 13, 13) and m[5, 6, 6] == 1 and m[0, 0, 0] == 0
+
+
+def test_classify_reasons_and_priority():
+    pos = np.array([[2.0, 30.0], [30.0, 30.0], [33.0, 33.0], [60.0, 60.0]])
+    img = np.zeros((64, 64), np.uint16)
+    img[2, 30] = 65535  # saturated and near the border: counted once, as border
+    reason = B.classify_beads(pos, (64, 64), 4, image=img)
+    assert reason.tolist() == ["border", "crowded", "crowded", "border"]
+    keep, counts = B.reject_beads(pos, (64, 64), 4, image=img)
+    assert counts == {"border": 2, "saturated": 0, "crowded": 2} and not keep.any()
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: B.reject_beads(np.zeros((2, 2)), (64, 64), -1), "psf_radius=-1 must be a positive number of pixels"),
+    (lambda: B.extract_patches(np.ones((64, 64)) + np.eye(64), np.zeros((0, 2)), 4),
+     "positions: no beads to extract patches from (0 positions)"),
+    (lambda: B.center_beads(np.ones((64, 64)) + np.eye(64), np.zeros((3, 3)), 4),
+     "positions: expected an (N, 2) array of pixel positions, got shape (3, 3)"),
+    (lambda: B.detect_beads(np.ones((64, 64)) + np.eye(64), threshold=-2.0), "threshold=-2.0 must be a positive number"),
+    (lambda: B.detect_beads(np.ones((64, 64)) + np.eye(64), merge_radius="big"),
+     "merge_radius='big' must be 'auto', a number of pixels or None"),
+])
+def test_argument_errors(call, message):
+    with pytest.raises(InputError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        call()
