@@ -191,7 +191,7 @@ def _log_kernel_norm(sigma: np.ndarray) -> float:
 def _robust_noise(values: np.ndarray) -> float:
     """1.4826 x the median absolute deviation (of a strided subsample on large arrays)."""
     v = values
-    step = max(1, int(np.ceil((v.size / 2_000_000) ** (1 / v.ndim))))
+    step = max(1, int(np.ceil((v.size / 500_000) ** (1 / v.ndim))))
     if step > 1:
         v = v[tuple(slice(None, None, step) for _ in range(v.ndim))]
     v = v.ravel()
