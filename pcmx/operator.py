@@ -34,6 +34,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import xarray as xr
@@ -93,6 +94,95 @@ _CACHE = _SpectrumCache(int(os.environ.get("PCMX_SPECTRUM_CACHE_MB", "2048")) * 
 def clear_cache() -> None:
     """Forget all cached kernel spectra (they are recomputed on the next application)."""
     _CACHE.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise work on all cores (NumPy ufuncs release the GIL); CuPy runs them as they are
+# --------------------------------------------------------------------------------------------
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_BLOCK_BYTES = 1 << 18
+_MIN_THREADED_PIXELS = 1 << 16  # smaller images: one block, the threads would cost more  # rows per step of a fused operation: a few hundred KiB stay in L2
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=_cpu_count(), thread_name_prefix="pcmx")
+        return _POOL
+
+
+class _Elementwise:
+    """``multiply``, ``multiply_add`` and ``contiguous`` over row blocks on ``workers`` threads.
+
+    The spectra of a 2304 x 2304 image hold 2.8 M complex numbers: a single-threaded multiply
+    costs as much as a multi-threaded FFT, so the products and sums are split by rows over
+    the cores, and a product and its accumulation are fused block by block (in cache).
+    """
+
+    def __init__(self, xp, workers) -> None:
+        self.xp = xp
+        if xp is not np or workers is None:
+            self.threads = 1
+        else:
+            self.threads = _cpu_count() if workers < 0 else max(int(workers), 1)
+
+    def _run(self, shape, fn, itemsize) -> None:
+        axis = 0 if shape[0] >= 2 * self.threads or len(shape) == 1 else 1
+        n = shape[axis]
+        row_bytes = max(math.prod(shape) // max(shape[0], 1) * itemsize, 1)
+        if axis == 1:
+            row_bytes //= max(shape[1], 1)
+        sub = max(_BLOCK_BYTES // row_bytes, 1)
+
+        def work(start, stop):
+            for a in range(start, stop, sub):
+                index = (slice(None),) * axis + (slice(a, min(a + sub, stop)),)
+                fn(index)
+
+        if self.threads <= 1 or n < 2 * self.threads or math.prod(shape) < 1 << 16:
+            work(0, n)
+            return
+        step = -(-n // (4 * self.threads))
+        list(_pool().map(lambda a: work(a, min(a + step, n)), range(0, n, step)))
+
+    def multiply(self, a, b, out) -> None:
+        """``out = a * b``."""
+        if self.threads <= 1:
+            self.xp.multiply(a, b, out=out)
+            return
+        self._run(out.shape, lambda i: np.multiply(a[i], b[i], out=out[i]), out.itemsize)
+
+    def multiply_add(self, a, b, acc) -> None:
+        """``acc += a * b``, overwriting ``a``."""
+        if self.threads <= 1:
+            self.xp.multiply(a, b, out=a)
+            self.xp.add(acc, a, out=acc)
+            return
+
+        def fused(i):
+            np.multiply(a[i], b[i], out=a[i])
+            np.add(acc[i], a[i], out=acc[i])
+
+        self._run(acc.shape, fused, acc.itemsize)
+
+    def contiguous(self, a):
+        """A C-contiguous copy of a (cropped) view, or ``a`` itself if it is one."""
+        if a.flags.c_contiguous:
+            return a
+        if self.threads <= 1:
+            return self.xp.ascontiguousarray(a)
+        out = np.empty(a.shape, a.dtype)
+        self._run(a.shape, lambda i: np.copyto(out[i], a[i]), a.itemsize)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +277,9 @@ class ProductConvolution:
         Lowest working precision: float32 (complex64 spectra) by default. Float64 inputs are
         computed in float64.
     workers : int, optional
-        Threads of each FFT (``scipy.fft`` ``workers``; -1: all cores).
+        Threads of the FFTs (``scipy.fft`` ``workers``) and of the elementwise products of an
+        in-memory application; -1: all cores, None: one. Dask tiles run on one thread
+        each, the scheduler providing the parallelism.
     check_finite : bool
         Reject NaN/inf in the kernels and maps (reads lazily stored maps once).
 
@@ -421,39 +513,51 @@ class ProductConvolution:
         self._norm = math.sqrt(lam)
         return self._norm
 
-    def auto_chunks(self, *, target_elements: int = 2**22) -> tuple[int, ...]:
-        """Tile sizes for the Dask path: the fewest, most efficient tiles within a budget.
+    def auto_chunks(self, *, target_elements: int = 2**22, min_tiles: int | None = None
+                    ) -> tuple[int, ...]:
+        """Tile sizes for the Dask path: few, efficient tiles within a memory budget.
 
         Tiles are halved (along the axis where that wastes the least work on halos) until a
-        tile with its halo has at most ``target_elements`` pixels, about 100 MB of working
-        memory per thread at I = 5; each tile plus its halo is then grown to a fast FFT
-        length.
+        tile with its halo has at most ``target_elements`` pixels (about 100 MB of working
+        memory per thread at I = 5) and there are at least ``min_tiles`` tiles (default: the
+        number of cores, since each tile runs on one thread); each tile plus its halo is then
+        grown to a fast FFT length when that adds no tile.
         """
+        min_tiles = _cpu_count() if min_tiles is None else int(min_tiles)
+        return self._plan_tiles(self.shape, min_tiles, target_elements)
+
+    def _plan_tiles(self, shape, min_tiles: int, target_elements: float) -> tuple[int, ...]:
         from scipy.fft import next_fast_len
 
-        tile = list(self.shape)
         r = self.radius
+        zero = self.boundary == "zero"
 
-        def cost(t):
-            return math.prod(ti + 2 * ri for ti, ri in zip(t, r, strict=True))
+        def extent(t):  # a tile with its halo (an unsplit axis in zero mode needs one side)
+            return [ti + (ri if zero and ti == n else 2 * ri)
+                    for ti, ri, n in zip(t, r, shape, strict=True)]
 
-        while cost(tile) > target_elements:
+        def n_tiles(t):
+            return math.prod(-(-n // ti) for n, ti in zip(shape, t, strict=True))
+
+        tile = list(shape)
+        while math.prod(extent(tile)) > target_elements or n_tiles(tile) < min_tiles:
             best, best_eff = None, -1.0
-            for ax in range(self.ndim):
+            for ax in range(len(shape)):
                 if tile[ax] < 2 * max(2 * r[ax], 16):
                     continue
                 trial = list(tile)
                 trial[ax] = -(-tile[ax] // 2)
-                eff = math.prod(trial) / cost(trial)
+                eff = math.prod(trial) / math.prod(extent(trial))
                 if eff > best_eff:
                     best, best_eff = trial, eff
             if best is None:
                 break
             tile = best
         out = []
-        for ax, (t, rr, n) in enumerate(zip(tile, r, self.shape, strict=True)):
+        for ax, (t, rr, n) in enumerate(zip(tile, r, shape, strict=True)):
             if t < n:
-                t = next_fast_len(t + 2 * rr, real=ax == self.ndim - 1) - 2 * rr
+                grown = next_fast_len(t + 2 * rr, real=ax == len(shape) - 1) - 2 * rr
+                t = grown if -(-n // grown) <= -(-n // t) else t  # only if no tile is added
             out.append(int(min(max(t, 1), n)))
         return tuple(out)
 
@@ -551,17 +655,22 @@ class ProductConvolution:
 
         return self._cached(("alpha_reflect", xp.__name__, np.dtype(rdtype).str), pad)
 
-    def _fft_shape(self, extent: Sequence[int], offset: Sequence[int]) -> tuple[int, ...]:
-        """The padded FFT shape for an input of ``extent`` read out from ``offset``.
+    def _fft_shape(self, extent: Sequence[int], offset: Sequence[int],
+                   out_shape: Sequence[int]) -> tuple[int, ...]:
+        """The padded FFT shape for an input of ``extent`` read out at ``offset``.
 
-        The circular convolution equals the linear one on the output window when
-        ``P >= extent + radius - offset`` (and ``P >= kernel size``).
+        With the input at the origin of the buffer and zeros beyond it, the circular
+        convolution equals the linear one on the output window ``[offset, offset + out)``
+        when ``P >= extent + radius - offset`` (no wrap from the left) and
+        ``P >= offset + out + radius`` (none from the right), and ``P >= kernel size``.
         """
         from scipy.fft import next_fast_len
 
         shape = []
-        for ax, (n, o, r, k) in enumerate(zip(extent, offset, self.radius, self.kernel_shape, strict=True)):
-            shape.append(next_fast_len(max(n + r - o, k, 1), real=ax == self.ndim - 1))
+        for ax, (n, o, t, r, k) in enumerate(zip(extent, offset, out_shape, self.radius,
+                                                 self.kernel_shape, strict=True)):
+            need = max(n + r - o, o + t + r, k, 1)
+            shape.append(next_fast_len(need, real=ax == self.ndim - 1))
         return tuple(shape)
 
     def _spectra(self, fshape, rdtype, xp, fft, conj: bool):
@@ -597,31 +706,38 @@ class ProductConvolution:
         out = fft.irfft(z, n=fshape[-1], axis=d - 1, **kw)
         return out[..., offset[-1]:offset[-1] + out_shape[-1]]
 
-    def _forward_block(self, u, alpha, offset, out_shape):
-        """``crop(sum_i h_i (*) (alpha_i . u))`` for ``u`` placed at the origin of the buffer."""
+    def _forward_block(self, u, alpha, offset, out_shape, workers=-1, window=None):
+        """``crop(sum_i h_i (*) (alpha_i . u))`` for ``u`` placed at the origin of the buffer.
+
+        ``window``: the part of ``u`` that ``alpha`` covers (elsewhere ``u`` is zero padding).
+        """
         xp, fft = _backend.xp(u), _backend.fft_module(u)
-        kw = _backend.fft_kwargs(fft, self.workers)
+        kw = _backend.fft_kwargs(fft, workers)
+        ew = _Elementwise(xp, workers)
         rdtype = alpha.dtype
-        fshape = self._fft_shape(u.shape, offset)
+        fshape = self._fft_shape(u.shape, offset, out_shape)
         spectra = self._spectra(fshape, rdtype, xp, fft, conj=False)
         buf = xp.zeros(fshape, dtype=rdtype)
         region = buf[tuple(slice(0, n) for n in u.shape)]
+        if window is not None:
+            region, u = region[window], u[window]
         axes = tuple(range(self.ndim))
         acc = None
         for i in range(self.n_components):
-            xp.multiply(alpha[i], u, out=region)
+            ew.multiply(alpha[i], u, out=region)
             spec = fft.rfftn(buf, axes=axes, **kw)
-            xp.multiply(spec, spectra[i], out=spec)
             if acc is None:
+                ew.multiply(spec, spectra[i], out=spec)
                 acc = spec
             else:
-                xp.add(acc, spec, out=acc)
-        return self._inverse_crop(acc, fshape, offset, out_shape, fft, kw)
+                ew.multiply_add(spec, spectra[i], acc)
+        return self._inverse_crop(acc, fshape, offset, out_shape, fft, kw), ew
 
-    def _adjoint_block(self, v, v_offset, fshape, out_offset, out_shape, alpha_out):
+    def _adjoint_block(self, v, v_offset, fshape, out_offset, out_shape, alpha_out, workers=-1):
         """``sum_i alpha_out_i . crop(h_i^flip (*) v)`` for ``v`` placed at ``v_offset``."""
         xp, fft = _backend.xp(v), _backend.fft_module(v)
-        kw = _backend.fft_kwargs(fft, self.workers)
+        kw = _backend.fft_kwargs(fft, workers)
+        ew = _Elementwise(xp, workers)
         rdtype = alpha_out.dtype
         spectra = self._spectra(fshape, rdtype, xp, fft, conj=True)
         buf = xp.zeros(fshape, dtype=rdtype)
@@ -629,37 +745,81 @@ class ProductConvolution:
         vspec = fft.rfftn(buf, axes=tuple(range(self.ndim)), **kw)
         del buf
         tmp = xp.empty_like(vspec)
-        out = None
+        out = xp.empty(out_shape, dtype=rdtype)
         for i in range(self.n_components):
-            xp.multiply(vspec, spectra[i], out=tmp)
+            ew.multiply(vspec, spectra[i], out=tmp)
             z = self._inverse_crop(tmp, fshape, out_offset, out_shape, fft, kw)
-            if out is None:
-                out = xp.multiply(z, alpha_out[i])
+            if i == 0:
+                ew.multiply(z, alpha_out[i], out=out)
             else:
-                xp.multiply(z, alpha_out[i], out=z)
-                xp.add(out, z, out=out)
-        return out
+                ew.multiply_add(z, alpha_out[i], out)
+        return out, ew
 
     def _in_memory(self, u, rdtype, adjoint: bool):
         xp = _backend.xp(u)
         u = xp.asarray(u, dtype=rdtype)
+        threads = _Elementwise(xp, self.workers).threads
+        if threads > 1 and math.prod(self.shape) >= _MIN_THREADED_PIXELS:
+            return self._threaded(u, rdtype, adjoint, threads)
         zeros = (0,) * self.ndim
         if self.boundary == "zero":
             alpha = self._alpha(xp, rdtype)
             if not adjoint:
-                out = self._forward_block(u, alpha, zeros, self.shape)
-            else:
-                fshape = self._fft_shape(self.shape, zeros)
-                out = self._adjoint_block(u, zeros, fshape, zeros, self.shape, alpha)
-            return xp.ascontiguousarray(out)
+                out, ew = self._forward_block(u, alpha, zeros, self.shape, self.workers)
+                return ew.contiguous(out)
+            fshape = self._fft_shape(self.shape, zeros, self.shape)
+            return self._adjoint_block(u, zeros, fshape, zeros, self.shape, alpha, self.workers)[0]
         alpha = self._alpha_reflected(xp, rdtype)
         ext = tuple(n + 2 * r for n, r in zip(self.shape, self.radius, strict=True))
         if not adjoint:
             u_ext = xp.pad(u, [(r, r) for r in self.radius], mode="symmetric")
-            return xp.ascontiguousarray(self._forward_block(u_ext, alpha, self.radius, self.shape))
-        fshape = self._fft_shape(ext, self.radius)
-        w = self._adjoint_block(u, self.radius, fshape, zeros, ext, alpha)
-        return xp.ascontiguousarray(_fold_symmetric(w, self.radius))
+            out, ew = self._forward_block(u_ext, alpha, self.radius, self.shape, self.workers)
+            return ew.contiguous(out)
+        fshape = self._fft_shape(ext, self.radius, self.shape)
+        w, ew = self._adjoint_block(u, self.radius, fshape, zeros, ext, alpha, self.workers)
+        return ew.contiguous(_fold_symmetric(w, self.radius))
+
+    def _threaded(self, u, rdtype, adjoint: bool, threads: int):
+        """In memory on several cores: one tile (with its halo) per thread, no Dask.
+
+        Independent single-threaded tiles use the cores better than multi-threaded FFTs of
+        the whole image (measured ~20% faster on 2 cores: ``docs/performance.md``).
+        """
+        r, zeros = self.radius, (0,) * self.ndim
+        reflect = self.boundary == "reflect"
+        pad = [(rr, rr) for rr in r]
+        if reflect:  # the domain: the image extended by its mirror (apply) or by zeros (adjoint)
+            domain = np.pad(u, pad, mode="constant" if adjoint else "symmetric")
+            alpha = self._alpha_reflected(np, rdtype)
+        else:
+            domain, alpha = u, self._alpha(np, rdtype)
+        shift = r if reflect and not adjoint else zeros  # image origin in domain coordinates
+        grid = domain.shape if adjoint else self.shape  # where the output is computed
+        sizes = self._plan_tiles(grid, threads, math.inf)
+        tiles = list(np.ndindex(*[-(-n // t) for n, t in zip(grid, sizes, strict=True)]))
+        out = np.empty(grid, rdtype)
+
+        def one(index):
+            span = [(i * t, min((i + 1) * t, n)) for i, t, n in zip(index, sizes, grid, strict=True)]
+            src, offset = [], []
+            for (a, b), s, rr, size in zip(span, shift, r, domain.shape, strict=True):
+                lo, hi = max(a + s - rr, 0), min(b + s + rr, size)
+                src.append(slice(lo, hi))
+                offset.append(a + s - lo)
+            block = domain[tuple(src)]
+            out_shape = tuple(b - a for a, b in span)
+            if adjoint:
+                maps = alpha[(slice(None), *[slice(a + s, b + s) for (a, b), s in zip(span, shift, strict=True)])]
+                fshape = self._fft_shape(block.shape, offset, out_shape)
+                res = self._adjoint_block(block, zeros, fshape, offset, out_shape, maps, workers=1)[0]
+            else:
+                res = self._forward_block(block, alpha[(slice(None), *src)], offset, out_shape, workers=1)[0]
+            out[tuple(slice(a, b) for a, b in span)] = res
+
+        list(_pool().map(one, tiles))
+        if adjoint and reflect:
+            return np.ascontiguousarray(_fold_symmetric(out, r))
+        return out
 
     # -- tiled (Dask) -------------------------------------------------------------------------
     def _alpha_dask(self, chunks, rdtype):
@@ -670,44 +830,68 @@ class ProductConvolution:
         spec = ((self.n_components,), *chunks)
         if not _backend.is_dask(a):
             a = da.from_array(a, chunks=spec, name=f"{self._alpha_key}-{tokenize(spec)}")
-        return a.astype(rdtype).rechunk(((self.n_components,), *chunks))
+        return a.astype(rdtype).rechunk(spec)
 
     def _tiled(self, u, rdtype, adjoint: bool):
-        from dask.array.overlap import ensure_minimum_chunksize, overlap
-        from dask.base import tokenize
+        from dask.array.overlap import ensure_minimum_chunksize
 
         r = self.radius
         u = u.astype(rdtype) if u.dtype != rdtype else u
         # every chunk must be at least as wide as the halo it lends its neighbours
-        u = u.rechunk(tuple(ensure_minimum_chunksize(max(rr, 1), c) for rr, c in zip(r, u.chunks, strict=True)))
+        u = u.rechunk(tuple(ensure_minimum_chunksize(max(rr, 1), c)
+                            for rr, c in zip(r, u.chunks, strict=True)))
+        xp = _backend.xp(u)
+        # maps held in memory are read as views by each tile, unless tasks may leave this
+        # process (a distributed or multiprocessing scheduler): then they travel as chunks
+        in_memory = not _backend.is_dask(self._alpha_src) and _local_scheduler()
         if adjoint and self.boundary == "reflect":
-            return self._tiled_reflect_adjoint(u, rdtype)
-        alpha = self._alpha_dask(u.chunks, rdtype)
-        boundary = 0 if self.boundary == "zero" else "reflect"
-        depth = dict(enumerate(r))
-        u_ov = overlap(u, depth=depth, boundary={ax: boundary for ax in depth})
-        a_ov = overlap(alpha, depth={0: 0, **{ax + 1: rr for ax, rr in depth.items()}},
-                       boundary={ax: boundary for ax in range(self.ndim + 1)})
-        return self._blockwise(u_ov, a_ov, rdtype, adjoint, tokenize(self, u.name, adjoint))
+            return self._tiled_reflect_adjoint(u, rdtype, xp, in_memory)
+        reflect = self.boundary == "reflect"
+        if in_memory:
+            alpha = (self._alpha_reflected if reflect else self._alpha)(xp, rdtype)
+            return self._tiles(u, rdtype, adjoint, reflect, alpha_mem=alpha,
+                               shift=self.radius if reflect else (0,) * self.ndim)
+        return self._tiles(u, rdtype, adjoint, reflect, alpha_lazy=self._alpha_dask(u.chunks, rdtype))
 
-    def _blockwise(self, u_ov, a_ov, rdtype, adjoint, token):
-        import dask.array as da
+    def _tiles(self, u, rdtype, adjoint, reflect, *, alpha_mem=None, shift=None, alpha_lazy=None):
+        """Map the block functions over ``u``'s chunks grown by halos of the kernel radius.
 
-        ind = "zyx"[3 - self.ndim:]
-        meta = _backend.xp(u_ov).empty((0,) * self.ndim, dtype=rdtype)
-        func = _adjoint_tile if adjoint else _forward_tile
-        return da.blockwise(
-            func, ind, a_ov, "i" + ind, u_ov, ind,
-            engine=self, concatenate=True, dtype=rdtype, meta=meta,
-            adjust_chunks={d: (lambda n, rr=rr: n - 2 * rr) for d, rr in zip(ind, self.radius, strict=True)},
-            name=f"pcmx-{'adjoint' if adjoint else 'apply'}-{token}",
-        )
-
-    def _tiled_reflect_adjoint(self, v, rdtype):
-        """``E^T H_ext^T crop^T v``: zero-padded ``v``, mirrored maps, then fold (reflect)."""
+        In zero mode an axis held in one chunk needs no halo (the FFT buffer pads it with
+        zeros, as in memory); with reflective boundaries every axis gets its mirror halo.
+        """
         import dask.array as da
         from dask.array.overlap import overlap
         from dask.base import tokenize
+
+        depth = tuple(rr if (reflect or len(c) > 1) else 0
+                      for rr, c in zip(self.radius, u.chunks, strict=True))
+        boundary = "reflect" if reflect else 0
+        u_ov = u
+        if any(depth):
+            u_ov = overlap(u, depth=dict(enumerate(depth)), boundary=dict.fromkeys(range(self.ndim), boundary))
+        meta = _backend.xp(u).empty((0,) * self.ndim, dtype=rdtype)
+        source = "mem" if alpha_mem is not None else alpha_lazy.name
+        name = (f"pcmx-{'adjoint' if adjoint else 'apply'}-"
+                f"{tokenize(self, u.name, u.chunks, adjoint, reflect, source, shift)}")
+        kwargs = {"engine": self, "depth": depth, "adjoint": adjoint}
+        if alpha_mem is not None:
+            return da.map_blocks(_tile_from_memory, u_ov, chunks=u.chunks, dtype=rdtype, meta=meta,
+                                 name=name, alpha=alpha_mem, shift=shift, **kwargs)
+        a_ov = alpha_lazy
+        if any(depth):
+            a_ov = overlap(alpha_lazy, depth={0: 0, **{ax + 1: d for ax, d in enumerate(depth)}},
+                           boundary=dict.fromkeys(range(self.ndim + 1), boundary))
+        ind = "zyx"[3 - self.ndim:]
+        return da.blockwise(
+            _tile_from_chunks, ind, a_ov, "i" + ind, u_ov, ind, concatenate=True, dtype=rdtype,
+            meta=meta, name=name,
+            adjust_chunks={i: (lambda n, d=d: n - 2 * d) for i, d in zip(ind, depth, strict=True)},
+            **kwargs,
+        )
+
+    def _tiled_reflect_adjoint(self, v, rdtype, xp, in_memory):
+        """``E^T H_ext^T crop^T v``: ``v`` padded by zeros, mirrored maps, then folded."""
+        import dask.array as da
 
         r = self.radius
         pad = [(rr, rr) for rr in r]
@@ -718,33 +902,58 @@ class ProductConvolution:
             c[-1] += rr
             merged.append(tuple(c))
         v_ext = da.pad(v, pad, mode="constant").rechunk(tuple(merged))
-        alpha = self._alpha_dask(v.chunks, rdtype)
-        a_ext = da.pad(alpha, [(0, 0), *pad], mode="symmetric").rechunk(((self.n_components,), *merged))
-        depth = dict(enumerate(r))
-        v_ov = overlap(v_ext, depth=depth, boundary={ax: 0 for ax in depth})
-        a_ov = overlap(a_ext, depth={0: 0, **{ax + 1: rr for ax, rr in depth.items()}},
-                       boundary={ax: 0 for ax in range(self.ndim + 1)})
-        w = self._blockwise(v_ov, a_ov, rdtype, True, tokenize(self, v.name, "reflect-adjoint"))
+        if in_memory:
+            w = self._tiles(v_ext, rdtype, True, False, alpha_mem=self._alpha_reflected(xp, rdtype),
+                            shift=(0,) * self.ndim)
+        else:
+            a_ext = da.pad(self._alpha_dask(v.chunks, rdtype), [(0, 0), *pad], mode="symmetric")
+            w = self._tiles(v_ext, rdtype, True, False,
+                            alpha_lazy=a_ext.rechunk(((self.n_components,), *merged)))
         return _fold_symmetric_dask(w, r).rechunk(v.chunks)
 
 
-def _forward_tile(alpha, u, *, engine: ProductConvolution):
-    """One Dask tile of ``H u``: ``u`` and ``alpha`` carry a halo of the kernel radius."""
+def _local_scheduler() -> bool:
+    """True if Dask tasks run in this process (threads or synchronously)."""
+    import dask.local
+    import dask.threaded
+    from dask.base import get_scheduler
+
+    return get_scheduler() in (None, dask.threaded.get, dask.local.get_sync)
+
+
+def _tile_from_memory(u, *, engine: ProductConvolution, depth, adjoint, alpha, shift, block_info=None):
+    """One Dask tile, the maps read as views of an in-memory array (``shift``: its origin).
+
+    ``u`` is the tile grown by ``depth`` on each side; the output is the tile itself.
+    """
+    location = block_info[None]["array-location"]
     xp = _backend.xp(u)
+    out_shape = tuple(b - a for a, b in location)
+    if adjoint:
+        inner = (slice(None),) + tuple(slice(a + s, b + s) for (a, b), s in zip(location, shift, strict=True))
+        fshape = engine._fft_shape(u.shape, depth, out_shape)
+        return engine._adjoint_block(u, (0,) * engine.ndim, fshape, depth, out_shape,
+                                     xp.asarray(alpha[inner], dtype=u.dtype), workers=1)[0]
+    window, index = [], [slice(None)]
+    for (a, b), d, s, n in zip(location, depth, shift, alpha.shape[1:], strict=True):
+        lo, hi = max(a - d + s, 0), min(b + d + s, n)  # the part of the tile the maps cover
+        index.append(slice(lo, hi))
+        window.append(slice(lo - (a - d + s), hi - (a - d + s)))
+    alpha = xp.asarray(alpha[tuple(index)], dtype=u.dtype)
+    return engine._forward_block(u, alpha, depth, out_shape, workers=1, window=tuple(window))[0]
+
+
+def _tile_from_chunks(alpha, u, *, engine: ProductConvolution, depth, adjoint):
+    """One Dask tile, the maps given as a chunk with the same halo as ``u``."""
+    xp = _backend.xp(u)
+    out_shape = tuple(n - 2 * d for n, d in zip(u.shape, depth, strict=True))
+    if adjoint:
+        inner = (slice(None),) + tuple(slice(d, d + n) for d, n in zip(depth, out_shape, strict=True))
+        fshape = engine._fft_shape(u.shape, depth, out_shape)
+        return engine._adjoint_block(u, (0,) * engine.ndim, fshape, depth, out_shape,
+                                     xp.asarray(alpha[inner], dtype=u.dtype), workers=1)[0]
     alpha = xp.asarray(alpha, dtype=u.dtype)
-    out_shape = tuple(n - 2 * r for n, r in zip(u.shape, engine.radius, strict=True))
-    return engine._forward_block(u, alpha, engine.radius, out_shape)
-
-
-def _adjoint_tile(alpha, v, *, engine: ProductConvolution):
-    """One Dask tile of ``H^T v`` (gather form: the maps multiply after the convolutions)."""
-    xp = _backend.xp(v)
-    r = engine.radius
-    out_shape = tuple(n - 2 * rr for n, rr in zip(v.shape, r, strict=True))
-    inner = (slice(None),) + tuple(slice(rr, rr + n) for rr, n in zip(r, out_shape, strict=True))
-    alpha = xp.asarray(alpha[inner], dtype=v.dtype)
-    fshape = engine._fft_shape(v.shape, r)
-    return engine._adjoint_block(v, (0,) * engine.ndim, fshape, r, out_shape, alpha)
+    return engine._forward_block(u, alpha, depth, out_shape, workers=1)[0]
 
 
 def _fold_symmetric(w, radius):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import dask
 import dask.array as da
 import numpy as np
@@ -84,6 +86,21 @@ def test_apply_and_adjoint_equal_the_per_pixel_sum(shape, ksize, boundary):
     assert got.dtype == np.float32 and got.shape == shape
     assert rel(got, (mat @ u.ravel().astype(np.float64)).reshape(shape)) < 2e-6
     assert rel(H.adjoint(u), (mat.T @ u.ravel().astype(np.float64)).reshape(shape)) < 2e-6
+
+
+@pytest.mark.parametrize("boundary", ["zero", "reflect"])
+@pytest.mark.parametrize("shape,ksize", [((40, 36), (9, 7)), ((5, 34, 20), (3, 5, 3))])
+def test_threaded_tiles_equal_the_per_pixel_sum(shape, ksize, boundary, monkeypatch):
+    """The multi-core in-memory path (one tile per thread) on images small enough to check."""
+    monkeypatch.setattr("pcmx.operator._MIN_THREADED_PIXELS", 0)
+    ds = make_op(shape, ksize)
+    mat = dense_matrix(ds, boundary)
+    H = ProductConvolution(ds, boundary=boundary, workers=3)
+    assert math.prod(-(-n // t) for n, t in zip(shape, H._plan_tiles(shape, 3, math.inf), strict=True)) >= 2
+    u = np.random.default_rng(11).standard_normal(shape).astype(np.float32)
+    assert rel(H.apply(u), (mat @ u.ravel().astype(np.float64)).reshape(shape)) < 2e-6
+    assert rel(H.adjoint(u), (mat.T @ u.ravel().astype(np.float64)).reshape(shape)) < 2e-6
+    dottest(H, shape, rng=4)
 
 
 def test_kernel_wider_than_the_image():
@@ -176,6 +193,7 @@ def test_linear_operator_and_norm():
 
 
 # --- tiled (Dask) == in memory -------------------------------------------------------------------
+@pytest.mark.parametrize("maps", ["memory", "lazy"])
 @pytest.mark.parametrize("boundary", ["zero", "reflect"])
 @pytest.mark.parametrize("shape,ksize,chunks", [
     ((53, 47), (11, 9), (13, 19)),
@@ -183,8 +201,11 @@ def test_linear_operator_and_norm():
     ((53, 47), (11, 9), "auto"),
     ((9, 33, 29), (5, 9, 7), (4, 10, 13)),
 ])
-def test_tiled_equals_in_memory(shape, ksize, chunks, boundary):
-    H = ProductConvolution(make_op(shape, ksize), boundary=boundary)
+def test_tiled_equals_in_memory(shape, ksize, chunks, boundary, maps):
+    ds = make_op(shape, ksize)
+    H = ProductConvolution(ds, boundary=boundary)
+    if maps == "lazy":  # maps read chunk by chunk (as from a store), not as views
+        H = ProductConvolution(ds.chunk({d: 8 for d in SPATIAL[len(shape)]}), boundary=boundary)
     rng = np.random.default_rng(5)
     u = rng.standard_normal(shape).astype(np.float32)
     lazy = da.from_array(u, chunks=chunks if chunks != "auto" else -1)
