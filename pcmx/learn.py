@@ -93,8 +93,7 @@ def bead_patches(image, *, psf_radius: int | None = None, threshold: float | Non
     source = _source_name(image)
     img = as_image(image, pixel_size=pixel_size_)
     data = _checked_data(img, source)
-    if saturation is None and data.dtype.kind in "ui":
-        saturation = float(np.iinfo(data.dtype).max)
+    # saturation=None lets pcmx.beads find the clipping plateau (a 12-bit camera saves 4095 in uint16)
     work = data.astype(np.float32, copy=False)
     t = {}
     t0 = time.perf_counter()
@@ -119,7 +118,8 @@ def bead_patches(image, *, psf_radius: int | None = None, threshold: float | Non
     t["centre"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     kw = {} if background is None else {"method": background}
-    patches = bg.subtract_background(patches, r, image=work, positions=pos, **kw)
+    # mask every detection (not only the kept beads) when estimating the smooth background
+    patches = bg.subtract_background(patches, r, image=work, positions=pos, mask_positions=positions, **kw)
     t["background"] = time.perf_counter() - t0
     counts["isolated"] = int(len(pos))
     return BeadPatches(patches=patches, positions=np.asarray(pos, dtype=np.float64), radius=r,
