@@ -21,8 +21,11 @@ computed once per padded shape and cached. One application is
 * ``adjoint``: one forward FFT of ``v`` and ``I`` inverse transforms of ``V . conj(H_i)``,
   each multiplied by ``alpha_i`` and accumulated.
 
-Tiles (Dask) are computed the same way on each chunk grown by a halo of the kernel radius
-(zeros, or a mirror image at the boundary of the field), so tiled and in-memory results
+In memory on a multi-core CPU the image is cut into one tile per core, each grown by a halo
+of the kernel radius and computed as above on one thread (independent single-threaded FFTs
+use the cores better than multi-threaded FFTs of the whole image); the products are split
+over the cores otherwise. Dask tiles are computed the same way on each chunk grown by its
+halo (zeros, or a mirror image at the boundary of the field), so tiled and in-memory results
 agree to float32 rounding.
 """
 
@@ -760,7 +763,9 @@ class ProductConvolution:
         u = xp.asarray(u, dtype=rdtype)
         threads = _Elementwise(xp, self.workers).threads
         if threads > 1 and math.prod(self.shape) >= _MIN_THREADED_PIXELS:
-            return self._threaded(u, rdtype, adjoint, threads)
+            out = self._threaded(u, rdtype, adjoint, threads)
+            if out is not None:
+                return out
         zeros = (0,) * self.ndim
         if self.boundary == "zero":
             alpha = self._alpha(xp, rdtype)
@@ -782,6 +787,8 @@ class ProductConvolution:
     def _threaded(self, u, rdtype, adjoint: bool, threads: int):
         """In memory on several cores: one tile (with its halo) per thread, no Dask.
 
+        Returns None when the image cannot be split usefully.
+
         Independent single-threaded tiles use the cores better than multi-threaded FFTs of
         the whole image (measured ~20% faster on 2 cores: ``docs/performance.md``).
         """
@@ -797,6 +804,8 @@ class ProductConvolution:
         grid = domain.shape if adjoint else self.shape  # where the output is computed
         sizes = self._plan_tiles(grid, threads, math.inf)
         tiles = list(np.ndindex(*[-(-n // t) for n, t in zip(grid, sizes, strict=True)]))
+        if len(tiles) < 2:
+            return None  # too small to split: one block with multi-threaded FFTs
         out = np.empty(grid, rdtype)
 
         def one(index):
