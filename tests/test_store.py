@@ -27,7 +27,8 @@ def test_round_trip_keeps_values_dtypes_units_and_provenance(tmp_path, operator_
     assert ds.attrs["pcmx_schema_version"] == "1.0"
     assert ds.attrs["pcmx_version"] == pcmx.__version__
     q = ds.pint.quantify()
-    assert str(q["x"].data.units) if hasattr(q["x"].data, "units") else True
+    assert q["x"].pint.units == pcmx.units.ureg.micrometer
+    assert q["x"].pint.magnitude[1] == pytest.approx(0.065)
     # plain xarray reads it too (the store layout is a contract)
     plain = xr.open_zarr(path, consolidated=False)
     assert plain["psf_basis"].dims == ("component", "ky", "kx")
