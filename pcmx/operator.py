@@ -11,7 +11,8 @@ How it is fast
 All convolutions are summed in the Fourier domain at one padded size ``P`` per axis, the
 smallest fast FFT length (``scipy.fft.next_fast_len``) that makes the circular convolution
 equal to the linear one on the output: ``P >= n + r`` for an image of ``n`` pixels and a
-kernel radius ``r`` (``n + 2 r`` with reflective boundaries). The kernels' spectra are
+kernel radius ``r`` (``n + 2 r`` with reflective boundaries; exactly ``n`` with periodic
+ones, where the circular convolution is what is wanted). The kernels' spectra are
 computed once per padded shape and cached. One application is
 
 * ``apply``: for each component, ``alpha_i . u`` is written into one reused zero-padded
@@ -49,7 +50,9 @@ __all__ = ["ProductConvolution", "blur", "clear_cache"]
 
 _SPATIAL = ("z", "y", "x")
 _KERNEL = ("kz", "ky", "kx")
-BOUNDARIES = ("zero", "reflect")
+BOUNDARIES = ("zero", "reflect", "periodic")
+# how the image and the maps are extended beyond the field, as numpy.pad modes
+_PAD_MODE = {"reflect": "symmetric", "periodic": "wrap"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,11 +274,15 @@ class ProductConvolution:
         An operator Dataset (``psf_basis (component, [kz,] ky, kx)`` with odd kernel sizes,
         centre at ``size // 2``, and ``coefficients (component, [z,] y, x)`` on the image
         grid; provenance optional in memory) or the path of an operator store.
-    boundary : {"zero", "reflect"}
+    boundary : {"zero", "reflect", "periodic"}
         ``"zero"``: linear convolution of the image extended by zeros (light from outside
         the field is absent). ``"reflect"``: the image and the coefficient maps are extended
         by their mirror images (``d c b a | a b c d | d c b a``, numpy's ``"symmetric"``),
         which avoids dark rims when blurring; needs kernels no wider than ``2 n + 1``.
+        ``"periodic"``: circular convolution (the field wraps around, numpy's ``"wrap"``),
+        the convention of FFT-based deconvolution codes; computed in memory with FFTs of
+        exactly the image's size (fastest for sizes with small prime factors, such as
+        2304 = 2^8 3^2); needs kernels no wider than the image.
     dtype : numpy dtype
         Lowest working precision: float32 (complex64 spectra) by default. Float64 inputs are
         computed in float64.
@@ -341,6 +348,13 @@ class ProductConvolution:
         self.kernel_shape = tuple(int(s) for s in h.shape[1:])
         self.radius = tuple(k // 2 for k in self.kernel_shape)
         self.ndim = len(self.shape)
+        if self.boundary == "periodic":
+            for dim, k, n in zip(dims, self.kernel_shape, self.shape, strict=True):
+                if k > n:
+                    raise InputError(
+                        f"boundary='periodic': kernel size {k} along {dim} exceeds the image "
+                        f"size {n}; use kernels no wider than the image or boundary='zero'"
+                    )
         if self.boundary == "reflect":
             for dim, r, n in zip(dims, self.radius, self.shape, strict=True):
                 if r > n:
@@ -651,12 +665,13 @@ class ProductConvolution:
 
         return self._cached(("alpha", xp.__name__, np.dtype(rdtype).str), load)
 
-    def _alpha_reflected(self, xp, rdtype):
+    def _alpha_extended(self, xp, rdtype):
+        """The maps extended by the kernel radius as the boundary mode says (cached)."""
         def pad():
             width = [(0, 0)] + [(r, r) for r in self.radius]
-            return xp.pad(self._alpha(xp, rdtype), width, mode="symmetric")
+            return xp.pad(self._alpha(xp, rdtype), width, mode=_PAD_MODE[self.boundary])
 
-        return self._cached(("alpha_reflect", xp.__name__, np.dtype(rdtype).str), pad)
+        return self._cached(("alpha_ext", self.boundary, xp.__name__, np.dtype(rdtype).str), pad)
 
     def _fft_shape(self, extent: Sequence[int], offset: Sequence[int],
                    out_shape: Sequence[int]) -> tuple[int, ...]:
@@ -709,16 +724,18 @@ class ProductConvolution:
         out = fft.irfft(z, n=fshape[-1], axis=d - 1, **kw)
         return out[..., offset[-1]:offset[-1] + out_shape[-1]]
 
-    def _forward_block(self, u, alpha, offset, out_shape, workers=-1, window=None):
+    def _forward_block(self, u, alpha, offset, out_shape, workers=-1, window=None, fshape=None):
         """``crop(sum_i h_i (*) (alpha_i . u))`` for ``u`` placed at the origin of the buffer.
 
         ``window``: the part of ``u`` that ``alpha`` covers (elsewhere ``u`` is zero padding).
+        ``fshape``: the FFT shape (default: padded so that the convolution is linear on the
+        output; ``u.shape`` gives the circular convolution).
         """
         xp, fft = _backend.xp(u), _backend.fft_module(u)
         kw = _backend.fft_kwargs(fft, workers)
         ew = _Elementwise(xp, workers)
         rdtype = alpha.dtype
-        fshape = self._fft_shape(u.shape, offset, out_shape)
+        fshape = fshape or self._fft_shape(u.shape, offset, out_shape)
         spectra = self._spectra(fshape, rdtype, xp, fft, conj=False)
         buf = xp.zeros(fshape, dtype=rdtype)
         region = buf[tuple(slice(0, n) for n in u.shape)]
@@ -761,12 +778,21 @@ class ProductConvolution:
     def _in_memory(self, u, rdtype, adjoint: bool):
         xp = _backend.xp(u)
         u = xp.asarray(u, dtype=rdtype)
+        zeros = (0,) * self.ndim
+        if self.boundary == "periodic":
+            # circular convolution at the image's own size: no padding, no tiles (tiles
+            # would need halos on every side and do more work than the whole image)
+            alpha = self._alpha(xp, rdtype)
+            if not adjoint:
+                out, ew = self._forward_block(u, alpha, zeros, self.shape, self.workers,
+                                              fshape=self.shape)
+                return ew.contiguous(out)
+            return self._adjoint_block(u, zeros, self.shape, zeros, self.shape, alpha, self.workers)[0]
         threads = _Elementwise(xp, self.workers).threads
         if threads > 1 and math.prod(self.shape) >= _MIN_THREADED_PIXELS:
             out = self._threaded(u, rdtype, adjoint, threads)
             if out is not None:
                 return out
-        zeros = (0,) * self.ndim
         if self.boundary == "zero":
             alpha = self._alpha(xp, rdtype)
             if not adjoint:
@@ -774,7 +800,7 @@ class ProductConvolution:
                 return ew.contiguous(out)
             fshape = self._fft_shape(self.shape, zeros, self.shape)
             return self._adjoint_block(u, zeros, fshape, zeros, self.shape, alpha, self.workers)[0]
-        alpha = self._alpha_reflected(xp, rdtype)
+        alpha = self._alpha_extended(xp, rdtype)
         ext = tuple(n + 2 * r for n, r in zip(self.shape, self.radius, strict=True))
         if not adjoint:
             u_ext = xp.pad(u, [(r, r) for r in self.radius], mode="symmetric")
@@ -797,7 +823,7 @@ class ProductConvolution:
         pad = [(rr, rr) for rr in r]
         if reflect:  # the domain: the image extended by its mirror (apply) or by zeros (adjoint)
             domain = np.pad(u, pad, mode="constant" if adjoint else "symmetric")
-            alpha = self._alpha_reflected(np, rdtype)
+            alpha = self._alpha_extended(np, rdtype)
         else:
             domain, alpha = u, self._alpha(np, rdtype)
         shift = r if reflect and not adjoint else zeros  # image origin in domain coordinates
@@ -855,33 +881,37 @@ class ProductConvolution:
         in_memory = not _backend.is_dask(self._alpha_src) and _local_scheduler()
         if adjoint and self.boundary == "reflect":
             return self._tiled_reflect_adjoint(u, rdtype, xp, in_memory)
-        reflect = self.boundary == "reflect"
+        # the halo of a tile: mirrored (reflect), wrapped (periodic: apply and adjoint are
+        # both circular, so each tile is the zero-mode block of its wrapped halo) or none
+        mode = None if self.boundary == "zero" else self.boundary
+        extended = mode is not None and not adjoint  # the maps must cover the halo
         if in_memory:
-            alpha = (self._alpha_reflected if reflect else self._alpha)(xp, rdtype)
-            return self._tiles(u, rdtype, adjoint, reflect, alpha_mem=alpha,
-                               shift=self.radius if reflect else (0,) * self.ndim)
-        return self._tiles(u, rdtype, adjoint, reflect, alpha_lazy=self._alpha_dask(u.chunks, rdtype))
+            alpha = (self._alpha_extended if extended else self._alpha)(xp, rdtype)
+            return self._tiles(u, rdtype, adjoint, mode, alpha_mem=alpha,
+                               shift=self.radius if extended else (0,) * self.ndim)
+        return self._tiles(u, rdtype, adjoint, mode, alpha_lazy=self._alpha_dask(u.chunks, rdtype))
 
-    def _tiles(self, u, rdtype, adjoint, reflect, *, alpha_mem=None, shift=None, alpha_lazy=None):
+    def _tiles(self, u, rdtype, adjoint, mode, *, alpha_mem=None, shift=None, alpha_lazy=None):
         """Map the block functions over ``u``'s chunks grown by halos of the kernel radius.
 
-        In zero mode an axis held in one chunk needs no halo (the FFT buffer pads it with
-        zeros, as in memory); with reflective boundaries every axis gets its mirror halo.
+        In zero mode (``mode=None``) an axis held in one chunk needs no halo (the FFT buffer
+        pads it with zeros, as in memory); with ``mode`` "reflect" or "periodic" every axis
+        gets its mirrored or wrapped halo.
         """
         import dask.array as da
         from dask.array.overlap import overlap
         from dask.base import tokenize
 
-        depth = tuple(rr if (reflect or len(c) > 1) else 0
+        depth = tuple(rr if (mode or len(c) > 1) else 0
                       for rr, c in zip(self.radius, u.chunks, strict=True))
-        boundary = "reflect" if reflect else 0
+        boundary = mode or 0
         u_ov = u
         if any(depth):
             u_ov = overlap(u, depth=dict(enumerate(depth)), boundary=dict.fromkeys(range(self.ndim), boundary))
         meta = _backend.xp(u).empty((0,) * self.ndim, dtype=rdtype)
         source = "mem" if alpha_mem is not None else alpha_lazy.name
         name = (f"pcmx-{'adjoint' if adjoint else 'apply'}-"
-                f"{tokenize(self, u.name, u.chunks, adjoint, reflect, source, shift)}")
+                f"{tokenize(self, u.name, u.chunks, adjoint, mode, source, shift)}")
         kwargs = {"engine": self, "depth": depth, "adjoint": adjoint}
         if alpha_mem is not None:
             return da.map_blocks(_tile_from_memory, u_ov, chunks=u.chunks, dtype=rdtype, meta=meta,
@@ -912,11 +942,11 @@ class ProductConvolution:
             merged.append(tuple(c))
         v_ext = da.pad(v, pad, mode="constant").rechunk(tuple(merged))
         if in_memory:
-            w = self._tiles(v_ext, rdtype, True, False, alpha_mem=self._alpha_reflected(xp, rdtype),
+            w = self._tiles(v_ext, rdtype, True, None, alpha_mem=self._alpha_extended(xp, rdtype),
                             shift=(0,) * self.ndim)
         else:
             a_ext = da.pad(self._alpha_dask(v.chunks, rdtype), [(0, 0), *pad], mode="symmetric")
-            w = self._tiles(v_ext, rdtype, True, False,
+            w = self._tiles(v_ext, rdtype, True, None,
                             alpha_lazy=a_ext.rechunk(((self.n_components,), *merged)))
         return _fold_symmetric_dask(w, r).rechunk(v.chunks)
 

@@ -54,6 +54,16 @@ def dense_matrix(ds, boundary="zero"):
         mirror = [np.pad(np.arange(n), rr, mode="symmetric") for n, rr in zip(shape, r, strict=True)]
         a = np.pad(a, [(0, 0)] + [(rr, rr) for rr in r], mode="symmetric")
         offset = r
+    elif boundary == "periodic":
+        # a source at pixel q lights (q + d) mod n for every kernel offset d
+        size = int(np.prod(shape))
+        mat = np.zeros((size, size))
+        for q in np.ndindex(*shape):
+            psf = np.tensordot(a[(slice(None), *q)], h, axes=1)
+            for d in np.ndindex(*ksize):
+                dst = tuple((qi + di - rr) % n for qi, di, rr, n in zip(q, d, r, shape, strict=True))
+                mat[np.ravel_multi_index(dst, shape), np.ravel_multi_index(q, shape)] += psf[d]
+        return mat
     else:
         ext, mirror, offset = list(shape), [np.arange(n) for n in shape], [0] * len(shape)
     size = int(np.prod(shape))
@@ -74,7 +84,7 @@ def rel(a, b):
 
 
 # --- exactness --------------------------------------------------------------------------------
-@pytest.mark.parametrize("boundary", ["zero", "reflect"])
+@pytest.mark.parametrize("boundary", ["zero", "reflect", "periodic"])
 @pytest.mark.parametrize("shape,ksize", [((13, 17), (7, 5)), ((5, 9, 8), (3, 5, 3))])
 def test_apply_and_adjoint_equal_the_per_pixel_sum(shape, ksize, boundary):
     ds = make_op(shape, ksize)
@@ -157,7 +167,7 @@ def test_psf_at_is_the_response_to_a_point_source():
 
 
 # --- adjoint (dot tests) -----------------------------------------------------------------------
-@pytest.mark.parametrize("boundary", ["zero", "reflect"])
+@pytest.mark.parametrize("boundary", ["zero", "reflect", "periodic"])
 @pytest.mark.parametrize("shape,ksize,chunks", [
     ((45, 38), (9, 7), None),
     ((45, 38), (9, 7), (11, 17)),
@@ -194,7 +204,7 @@ def test_linear_operator_and_norm():
 
 # --- tiled (Dask) == in memory -------------------------------------------------------------------
 @pytest.mark.parametrize("maps", ["memory", "lazy"])
-@pytest.mark.parametrize("boundary", ["zero", "reflect"])
+@pytest.mark.parametrize("boundary", ["zero", "reflect", "periodic"])
 @pytest.mark.parametrize("shape,ksize,chunks", [
     ((53, 47), (11, 9), (13, 19)),
     ((53, 47), (11, 9), ((5, 30, 18), (40, 7))),  # chunks narrower than the halo get merged
@@ -294,6 +304,21 @@ def test_reflect_keeps_a_flat_field_flat():
     assert zero[15, 17] == pytest.approx(1.0, rel=1e-5) and zero[0, 0] < 0.5  # dark corners
 
 
+def test_periodic_space_invariant_is_a_circular_convolution():
+    ds = make_op((24, 30), (9, 7), n=2)
+    weights = np.array([0.6, 0.3], np.float32)
+    ds["coefficients"][:] = weights[:, None, None]
+    u = np.random.default_rng(12).random((24, 30)).astype(np.float32)
+    kernel = np.tensordot(weights, ds["psf_basis"].values, axes=1).astype(np.float64)
+    import scipy.ndimage
+
+    expected = scipy.ndimage.convolve(u.astype(np.float64), kernel, mode="wrap")
+    assert rel(ProductConvolution(ds, boundary="periodic").apply(u), expected) < 2e-6
+    # light leaving one side comes back on the other: the total flux is kept exactly
+    flux = ProductConvolution(ds, boundary="periodic").apply(u).sum()
+    assert flux == pytest.approx(u.sum() * kernel.sum(), rel=1e-5)
+
+
 # --- errors --------------------------------------------------------------------------------------
 def test_bad_operators_are_rejected_with_their_cause():
     ds = make_op()
@@ -308,12 +333,14 @@ def test_bad_operators_are_rejected_with_their_cause():
         ProductConvolution(bad)
     with pytest.raises(PcmxError, match=r"operator: missing variable 'psf_basis'"):
         ProductConvolution(ds.drop_vars("psf_basis"))
-    with pytest.raises(PcmxError, match=r"boundary='wrap': expected one of \('zero', 'reflect'\)"):
+    with pytest.raises(PcmxError, match=r"boundary='wrap': expected one of \('zero', 'reflect', 'periodic'\)"):
         ProductConvolution(ds, boundary="wrap")
     with pytest.raises(PcmxError, match=r"operator: expected an operator Dataset or a store path, got ndarray"):
         ProductConvolution(np.zeros((3, 5, 5)))
     with pytest.raises(PcmxError, match=r"boundary='reflect': kernel radius 10 along y exceeds the image size 6"):
         ProductConvolution(make_op((6, 9), (21, 3)), boundary="reflect")
+    with pytest.raises(PcmxError, match=r"boundary='periodic': kernel size 7 along y exceeds the image size 6"):
+        ProductConvolution(make_op((6, 9), (7, 3)), boundary="periodic")
     H = ProductConvolution(ds)
     with pytest.raises(PcmxError, match=r"u: shape \(19, 24\) does not match the operator's grid \(y=19, x=23\)"):
         H.apply(np.zeros((19, 24), np.float32))

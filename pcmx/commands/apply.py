@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="image: TIFF (2D or z-stack) or Zarr/OME-Zarr")
     parser.add_argument("--output", "-o", required=True, help="output TIFF (float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--boundary", choices=("zero", "reflect"), default="zero",
-                        help="image extension outside the field: zeros (default) or mirror")
+    parser.add_argument("--boundary", choices=("zero", "reflect", "periodic"), default="zero",
+                        help="image extension outside the field: zeros (default), mirror or wrap-around")
 
 
 def write_tiff(path: str, data, pixel_sizes_um) -> None:
