@@ -8,30 +8,74 @@ thin-plate splines projected onto the cone of all observed coefficients
 ``gamma_k[i, j] = <alpha_{i,k}, a_j>``; the unit-sum normalised gammas generate the cone of
 admissible operators (II-E-a).
 
-The maps are written chunked to a Zarr scratch array and the SVD streams over it: with K*I in
-the hundreds, the exact route through the (K*I)^2 Gram matrix ``A A^T`` accumulated chunk by
-chunk (one pass for the Gram matrix, one for the modes) reads every map twice and loses nothing
-to the float32 power iterations of a randomized SVD, so it is the one used here; the
-randomized ``dask.array.linalg.svd_compressed`` would only pay off for K*I in the thousands.
+Out of core, resumable, distributed
+-----------------------------------
+Every per-image result is written, as soon as it is computed, to a *checkpoint directory*
+(a temporary one unless ``checkpoint=`` is given)::
+
+    DIR/manifest.json        fingerprint of the arguments and inputs (paths, sizes, mtimes;
+                             SHA-256 of in-memory arrays)
+    DIR/beads/00003.zarr     image 3's bead patches, positions and counts
+    DIR/beads/00003.bad.json image 3 failed (the cause), when it did
+    DIR/basis.zarr           the shared PSF basis, observed coefficients and cone generators
+    DIR/maps/00003.zarr      image 3's coefficient maps (I, ny, nx) float32, uncompressed,
+                             chunked (I, c, c) as the SVD streams them
+
+Each entry is written to a hidden temporary sibling and renamed into place, so a run killed
+at any point (``kill -9``) leaves only complete entries; a rerun with the same arguments and
+inputs skips them (their recorded fingerprint must match the manifest's) and produces the
+same family: the PCA sees the same float32 patches in the same order.
+
+The per-image steps (bead patches, then maps) run as independent tasks: on a
+``dask.distributed`` cluster when a :class:`distributed.Client` is active (the checkpoint
+directory must then be on a filesystem the workers see), else in a local thread pool. The
+SVD streams over the maps as Dask arrays, block by spatial block, on whichever scheduler is
+active:
+
+* ``svd="gram"``: the exact route. The (K*I)^2 Gram matrix ``A A^T`` is accumulated in
+  float64 one spatial block at a time (all K*I rows of one block in memory), its
+  eigendecomposition gives gamma and the singular values, and a second pass gives the modes.
+  Every map is read twice; memory is bounded by one block.
+* ``svd="randomized"``: :func:`dask.array.linalg.svd_compressed` (Halko et al., the paper's
+  randomized SVD) in float64 with power iterations: ``2 q + 2`` passes over the maps.
+* ``svd="auto"``: the Gram route up to K*I = :data:`GRAM_MAX_ROWS` maps (and always when J is
+  chosen by the rank rule, which needs every singular value), the randomized one above.
+
+Both routes return the modes in one convention: each a_j has unit norm and its entry of
+largest magnitude is positive (the matching column of gamma flips with it).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 import time
+import uuid
+import warnings
+from collections import Counter
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 
 from .errors import InputError
-from .io.readers import as_image
-from .provenance import provenance
+from .io.readers import PcmxWarning, as_image, read_image
+from .provenance import jsonable, provenance
 from .units import kernel_coords, pixel_size
 
-__all__ = ["learn_family", "rank_by_threshold"]
+__all__ = ["learn_family", "rank_by_threshold", "GRAM_MAX_ROWS", "MIN_BEADS"]
+
+#: Largest K*I for which ``svd="auto"`` takes the exact Gram route (see the module docstring
+#: and docs/family.md for the measurement behind it).
+GRAM_MAX_ROWS = 2000
+#: Fewest usable beads an image needs for its coefficient maps.
+MIN_BEADS = 4
+#: Memory budget (bytes, float64) of one spatial block of all K*I maps in the SVD.
+_BLOCK_BYTES = 256 * 2**20
+_CHECKPOINT_VERSION = 1
 
 
 def rank_by_threshold(singular_values, factor: float = 2.858) -> int:
@@ -40,11 +84,13 @@ def rank_by_threshold(singular_values, factor: float = 2.858) -> int:
     return max(1, int(np.sum(s > factor * np.median(s))))
 
 
+# --------------------------------------------------------------------------- inputs
+
 def _labels(images) -> list[str]:
     out = []
     for k, im in enumerate(images):
         if isinstance(im, (str, os.PathLike)):
-            out.append(os.path.basename(os.fspath(im)))
+            out.append(os.path.basename(os.path.normpath(os.fspath(im))))
         elif isinstance(im, xr.DataArray) and "source" in im.attrs:
             out.append(str(im.attrs["source"]))
         else:
@@ -52,10 +98,417 @@ def _labels(images) -> list[str]:
     return out
 
 
+def _probe(item, label: str, pixel_size_) -> tuple[xr.DataArray | None, str | None]:
+    """Cheap checks of one image (readable, 2D, numeric, finite, not tiny, not constant).
+
+    Returns the image (coordinates and shape only are used afterwards) or the cause of failure.
+    """
+    try:
+        img = as_image(item, pixel_size=pixel_size_)
+    except InputError as exc:
+        return None, str(exc)
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read ({type(exc).__name__}: {exc})"
+    if img.ndim != 2:
+        return None, (f"dims {img.dims} of shape {tuple(img.shape)}; a family state is one 2D "
+                      "plane (use planes-as-states for z-stacks)")
+    if img.dtype.kind not in "uif":
+        return None, f"unsupported pixel type {img.dtype}"
+    if min(img.shape) < 16:
+        return None, f"shape {tuple(img.shape)} is too small to hold beads"
+    data = img.data
+    if img.dtype.kind == "f":
+        finite = data.map_blocks(np.isfinite).all() if hasattr(data, "map_blocks") else np.isfinite(data).all()
+        if not bool(finite):
+            return None, "contains NaN or infinite values"
+    lo, hi = img.min(), img.max()
+    if float(lo) == float(hi):
+        return None, f"image is constant ({float(lo)}); no beads to learn from"
+    return img, None
+
+
+def _input_record(item, label: str) -> dict:
+    if isinstance(item, (str, os.PathLike)):
+        p = os.path.abspath(os.fspath(item))
+        rec = {"name": label, "path": p}
+        try:
+            st = os.stat(p)
+            if os.path.isdir(p):  # a Zarr store: its files' sizes and newest mtime
+                sizes, mt = 0, st.st_mtime_ns
+                for root, _, files in os.walk(p):
+                    for f in files:
+                        s = os.stat(os.path.join(root, f))
+                        sizes += s.st_size
+                        mt = max(mt, s.st_mtime_ns)
+                rec.update(size=sizes, mtime_ns=mt)
+            else:
+                rec.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        except OSError:
+            rec["missing"] = True
+        return rec
+    arr = np.ascontiguousarray(np.asarray(item.values if isinstance(item, xr.DataArray) else item))
+    h = hashlib.sha256(arr.tobytes())
+    return {"name": label, "shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": h.hexdigest()}
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+def _atomic_dir(final: str, write) -> None:
+    """Call ``write(tmp)`` on a hidden sibling of ``final``, then rename it into place."""
+    parent, name = os.path.split(final)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _atomic_json(final: str, obj) -> None:
+    parent, name = os.path.split(final)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        json.dump(jsonable(obj), f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def _entry(ckpt: str, step: str, k: int, suffix: str = ".zarr") -> str:
+    return os.path.join(ckpt, step, f"{k:05d}{suffix}")
+
+
+def _open_entry(path: str, fingerprint: str):
+    """The complete checkpoint group at ``path`` made under ``fingerprint``, else None."""
+    import zarr
+
+    if not os.path.isdir(path):
+        return None
+    try:
+        g = zarr.open_group(path, mode="r")
+        if g.attrs.get("fingerprint") != fingerprint or not g.attrs.get("complete"):
+            return None
+        return g
+    except Exception:  # noqa: BLE001  (a damaged entry is redone)
+        return None
+
+
+def _write_group(tmp: str, arrays: dict, attrs: dict, chunks: dict | None = None) -> None:
+    import zarr
+
+    g = zarr.open_group(tmp, mode="w-", zarr_format=3)
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr)
+        c = (chunks or {}).get(name, arr.shape if arr.size else None)
+        g.create_array(name, data=arr, chunks=tuple(max(int(v), 1) for v in c) if c else "auto",
+                       compressors=None)
+    # written last: an entry without it was interrupted
+    g.attrs.update(jsonable({**attrs, "complete": True}))
+
+
+def _prepare_checkpoint(ckpt: str, manifest: dict, overwrite: bool) -> None:
+    path = os.path.join(ckpt, "manifest.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if old is not None and old.get("fingerprint") != manifest["fingerprint"]:
+            if not overwrite:
+                raise InputError(
+                    f"checkpoint {ckpt}: made by a run with different arguments or inputs "
+                    f"(differs in: {', '.join(_differences(old, manifest)) or 'fingerprint'}); "
+                    "remove it, or pass overwrite_checkpoint=True (--overwrite) to start afresh")
+            shutil.rmtree(ckpt)
+        elif old is None:
+            shutil.rmtree(ckpt)  # a manifest never completes half-written: the run died at once
+    elif os.path.isdir(ckpt) and os.listdir(ckpt):
+        if not overwrite:
+            raise InputError(f"checkpoint {ckpt}: exists without a manifest.json (not a pcmx "
+                             "checkpoint?); remove it or pass overwrite_checkpoint=True (--overwrite)")
+        shutil.rmtree(ckpt)
+    for step in ("beads", "maps"):
+        os.makedirs(os.path.join(ckpt, step), exist_ok=True)
+    # half-written entries of a killed run: hidden temporary siblings
+    for root in (ckpt, os.path.join(ckpt, "beads"), os.path.join(ckpt, "maps")):
+        for name in os.listdir(root):
+            if name.startswith(".") and ".tmp-" in name:
+                full = os.path.join(root, name)
+                shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
+    if not os.path.exists(path):
+        _atomic_json(path, manifest)
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    out = []
+    oa, na = old.get("arguments", {}), new.get("arguments", {})
+    out += [f"{k}={oa.get(k)!r} -> {na.get(k)!r}" for k in sorted(set(oa) | set(na)) if oa.get(k) != na.get(k)]
+    oi, ni = old.get("inputs", []), new.get("inputs", [])
+    if len(oi) != len(ni):
+        out.append(f"{len(oi)} -> {len(ni)} images")
+    else:
+        out += [f"image {n.get('name')}" for o, n in zip(oi, ni) if o != n]
+    return out
+
+
+# --------------------------------------------------------------------------- per-image tasks
+
+def _task_image(item, pixel_size_):
+    """The image of one task as a DataArray (the bead steps use its pixels only)."""
+    if isinstance(item, (str, os.PathLike)):
+        # a given size keeps the reader from warning about missing metadata in worker threads
+        return read_image(item, pixel_size=pixel_size_ or "1um")
+    if isinstance(item, xr.DataArray):
+        return item
+    return xr.DataArray(np.asarray(item), dims=("y", "x"))
+
+
+def _bead_task(item, k: int, label: str, ckpt: str, fingerprint: str, r, background,
+               pixel_size_) -> dict:
+    """Bead patches of image k, checkpointed; returns a small summary (or the failure)."""
+    from .learn import bead_patches
+
+    path = _entry(ckpt, "beads", k)
+    g = _open_entry(path, fingerprint)
+    if g is not None:
+        return {"k": k, "radius": int(g.attrs["radius"]), "n": int(g["positions"].shape[0]), "resumed": True}
+    bad = _entry(ckpt, "beads", k, ".bad.json")
+    if os.path.exists(bad):
+        with open(bad) as f:
+            rec = json.load(f)
+        if rec.get("fingerprint") == fingerprint:
+            return {"k": k, "error": rec["error"], "resumed": True}
+    img = _task_image(item, pixel_size_)
+    try:
+        bp = bead_patches(img, psf_radius=r, background=background)
+        if len(bp.positions) < MIN_BEADS:
+            raise InputError(f"only {len(bp.positions)} isolated beads; at least {MIN_BEADS} are "
+                             "needed for the coefficient maps")
+    except InputError as exc:
+        msg, source = str(exc), str(img.attrs.get("source", img.name or "image"))
+        if msg.startswith(f"{source}: "):  # the label names the image in every report
+            msg = msg[len(source) + 2:]
+        _atomic_json(bad, {"name": label, "error": msg, "fingerprint": fingerprint})
+        return {"k": k, "error": msg, "resumed": False}
+    patches = np.asarray(bp.patches.values)
+    _atomic_dir(path, lambda tmp: _write_group(
+        tmp, {"patches": patches, "positions": bp.positions},
+        {"fingerprint": fingerprint, "name": label, "radius": int(bp.radius),
+         "counts": bp.counts, "timings_s": bp.timings}))
+    return {"k": k, "radius": int(bp.radius), "n": len(bp.positions), "resumed": False}
+
+
+def _maps_task(k: int, ckpt: str, fingerprint: str, positions, beta, shape, generators,
+               chunk: int) -> dict:
+    """Coefficient maps alpha_{i,k} of image k, written (I, c, c)-chunked, uncompressed."""
+    from .coefficients import coefficient_maps
+
+    path = _entry(ckpt, "maps", k)
+    if _open_entry(path, fingerprint) is not None:
+        return {"k": k, "resumed": True}
+    maps = coefficient_maps(positions, beta, tuple(shape), generators=generators)
+    n_i = maps.shape[0]
+    _atomic_dir(path, lambda tmp: _write_group(
+        tmp, {"maps": maps.astype(np.float32, copy=False)}, {"fingerprint": fingerprint},
+        chunks={"maps": (n_i, min(chunk, shape[0]), min(chunk, shape[1]))}))
+    return {"k": k, "resumed": False}
+
+
+# --------------------------------------------------------------------------- execution
+
+def _active_client(client):
+    if client is not None:
+        return client
+    try:
+        from distributed import default_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def _bar(progress: bool, total: int, desc: str, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=True)
+
+
+def _run_tasks(fn, arglists: list, *, desc: str, progress: bool, client, workers: int) -> list:
+    """``[fn(*args) for args in arglists]`` on the cluster, a thread pool or in turn."""
+    out = [None] * len(arglists)
+    with _bar(progress, len(arglists), desc, "image") as bar:
+        if client is not None:
+            from distributed import as_completed
+
+            futs = [client.submit(fn, *args, pure=False) for args in arglists]
+            index = {f.key: i for i, f in enumerate(futs)}
+            try:
+                for f in as_completed(futs):
+                    out[index[f.key]] = f.result()
+                    bar.update(1)
+            finally:
+                client.cancel([f for f in futs if not f.done()])
+        elif workers <= 1 or len(arglists) <= 1:
+            for i, args in enumerate(arglists):
+                out[i] = fn(*args)
+                bar.update(1)
+        else:
+            with cf.ThreadPoolExecutor(max_workers=workers) as ex:
+                futs = {ex.submit(fn, *args): i for i, args in enumerate(arglists)}
+                try:
+                    for f in cf.as_completed(futs):
+                        out[futs[f]] = f.result()
+                        bar.update(1)
+                except BaseException:
+                    for f in futs:
+                        f.cancel()
+                    raise
+    return out
+
+
+def _compute_many(items: list, *, desc: str, progress: bool, client) -> list:
+    """Compute dask collections/delayed objects, one progress tick per finished item."""
+    import dask
+
+    out = [None] * len(items)
+    with _bar(progress, len(items), desc, "block") as bar:
+        if client is not None:
+            from distributed import as_completed
+
+            futs = client.compute(items)
+            index = {f.key: i for i, f in enumerate(futs)}
+            for f in as_completed(futs):
+                out[index[f.key]] = f.result()
+                bar.update(1)
+            return out
+        from dask.callbacks import Callback
+
+        keys = {it.key for it in items}  # dask.delayed objects
+
+        class _Tick(Callback):
+            def _posttask(self, key, result, dsk, state, id):  # noqa: A002
+                if key in keys:
+                    bar.update(1)
+
+        with _Tick():
+            res = dask.compute(*items)
+        return list(res)
+
+
+# --------------------------------------------------------------------------- SVD routes
+
+def _block_slices(shape, chunk: int) -> list[tuple[slice, slice]]:
+    ny, nx = shape
+    return [(slice(y, min(y + chunk, ny)), slice(x, min(x + chunk, nx)))
+            for y in range(0, ny, chunk) for x in range(0, nx, chunk)]
+
+
+def _gram_block(blk) -> np.ndarray:
+    b = np.asarray(blk, dtype=np.float64).reshape(blk.shape[0], -1)
+    return b @ b.T
+
+
+def _project_block(blk, proj) -> np.ndarray:
+    b = np.asarray(blk, dtype=np.float64).reshape(blk.shape[0], -1)
+    return (proj.T @ b).reshape(proj.shape[1], *blk.shape[1:]).astype(np.float32)
+
+
+def _blocks(maps, shape, chunk):
+    """One delayed (K*I, c, c) block of all maps per spatial block."""
+    return [maps[:, ys, xs].rechunk({0: -1, 1: -1, 2: -1}).to_delayed().ravel()[0]
+            for ys, xs in _block_slices(shape, chunk)]
+
+
+def _modes_from(maps, shape, chunk, proj, *, progress, client) -> np.ndarray:
+    import dask
+
+    blocks = _blocks(maps, shape, chunk)
+    parts = _compute_many([dask.delayed(_project_block)(b, proj) for b in blocks],
+                          desc="SVD (modes)", progress=progress, client=client)
+    modes = np.empty((proj.shape[1], *shape), np.float32)
+    for (ys, xs), p in zip(_block_slices(shape, chunk), parts):
+        modes[:, ys, xs] = p
+    return modes
+
+
+def _svd_gram(maps, shape, chunk, n_modes, *, progress, client):
+    import dask
+
+    blocks = _blocks(maps, shape, chunk)
+    parts = _compute_many([dask.delayed(_gram_block)(b) for b in blocks],
+                          desc="SVD (Gram)", progress=progress, client=client)
+    gram = np.sum(parts, axis=0)
+    evals, evecs = np.linalg.eigh(gram)
+    order = np.argsort(evals)[::-1]
+    evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
+    sv = np.sqrt(evals)
+    j = n_modes or min(rank_by_threshold(sv), len(sv))
+    proj = evecs[:, :j] / np.where(sv[:j] > 0, sv[:j], 1.0)
+    modes = _modes_from(maps, shape, chunk, proj, progress=progress, client=client)
+    # gamma_k[i, j] = <alpha_{i,k}, a_j> = s_j V[k*I + i, j] (no third pass over the maps)
+    return modes, evecs[:, :j] * sv[:j], sv
+
+
+def _svd_randomized(maps, shape, chunk, n_modes, *, power_iterations, oversamples, seed,
+                    progress, client):
+    import dask
+    import dask.array as da
+
+    n_rows = maps.shape[0]
+    slices = _block_slices(shape, chunk)
+    cols = [maps[:, ys, xs].rechunk({0: -1}).reshape(n_rows, -1).astype(np.float64)
+            for ys, xs in slices]
+    mat = da.concatenate(cols, axis=1).rechunk({0: -1})
+    k = min(n_modes, n_rows)
+    u, s, v = da.linalg.svd_compressed(mat, k=k, n_power_iter=power_iterations,
+                                       n_oversamples=oversamples, seed=seed)
+    with _bar(progress, 1, "SVD (randomized)", "step") as bar:
+        if client is not None:
+            u, s, v = client.compute([u, s, v], sync=True)
+        else:
+            u, s, v = dask.compute(u, s, v)
+        bar.update(1)
+    modes = np.empty((k, *shape), np.float32)
+    offset = 0
+    for ys, xs in slices:
+        n = (ys.stop - ys.start) * (xs.stop - xs.start)
+        modes[:, ys, xs] = v[:, offset:offset + n].reshape(k, ys.stop - ys.start, xs.stop - xs.start)
+        offset += n
+    return modes, u * s, np.asarray(s)
+
+
+def _fix_signs(modes: np.ndarray, gamma: np.ndarray) -> None:
+    """Make each mode's entry of largest magnitude positive (in place, gamma's column too)."""
+    flat = modes.reshape(len(modes), -1)
+    peak = flat[np.arange(len(flat)), np.argmax(np.abs(flat), axis=1)]
+    sign = np.where(peak < 0, -1, 1).astype(modes.dtype)
+    modes *= sign[:, None, None]
+    gamma *= sign[None, :]
+
+
+def _svd_chunk(n_rows: int, shape) -> int:
+    """Side of the SVD's spatial blocks: K*I rows x c^2 float64 within the block budget."""
+    c = int(np.sqrt(_BLOCK_BYTES / (8 * max(n_rows, 1))))
+    c = max(64, min(2048, c // 64 * 64))
+    return min(c, max(shape))
+
+
+# --------------------------------------------------------------------------- the pipeline
+
 def learn_family(images, *, n_components: int | None = None, n_modes: int | None = None,
                  psf_radius: int | None = None, pixel_size_: str | None = None,
                  background: str | None = None, realism: bool = True,
-                 scratch: str | None = None, chunk: int = 512) -> xr.Dataset:
+                 scratch: str | None = None, chunk: int | None = None,
+                 checkpoint: str | os.PathLike | None = None, overwrite_checkpoint: bool = False,
+                 skip_bad: bool = False, svd: str = "auto", power_iterations: int = 3,
+                 oversamples: int = 10, seed: int = 0, progress: bool = False,
+                 client=None, workers: int | None = None) -> xr.Dataset:
     """Learn the family of a microscope's operators from K bead images (paper II-D).
 
     Parameters
@@ -65,11 +518,48 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
     n_components : int, optional
         I; the 2.858 * median rule on the patches' singular values when None.
     n_modes : int, optional
-        J; the 2.858 * median rule on the maps' singular values when None (at most K*I).
+        J; the 2.858 * median rule on the maps' singular values when None (at most K*I; needs
+        the Gram route).
     psf_radius : int, optional
-        r, shared by all images (patches must have one size); estimated on the first image.
+        r, shared by all images (patches must have one size); estimated on the first usable
+        image.
+    pixel_size_ : str, optional
+        e.g. ``"65nm"`` when the files lack it.
+    background : str, optional
+        Background estimator of :func:`pcmx.learn.bead_patches`.
+    realism : bool
+        Project the maps onto the cone of all observed coefficients (App. C-b).
     scratch : str, optional
-        Directory for the Zarr scratch of the maps (a temporary directory by default).
+        Parent directory of the temporary scratch (the system's temporary directory by
+        default); unused with ``checkpoint``.
+    chunk : int, optional
+        Side of the square spatial blocks of the maps in the scratch and of the SVD's
+        streaming; by default as large as keeps one block of all K*I maps within 256 MiB in
+        float64.
+    checkpoint : path, optional
+        Persistent checkpoint directory (layout in the module docstring). Created when
+        missing; resumed when its manifest matches these arguments and inputs; kept after the
+        run (remove it once the result is saved; the CLI does). The default is a temporary
+        scratch directory removed at the end.
+    overwrite_checkpoint : bool
+        Discard a ``checkpoint`` made with other arguments or inputs instead of raising.
+    skip_bad : bool
+        Leave out, with a :class:`~pcmx.io.readers.PcmxWarning`, images that cannot be used
+        (unreadable, wrong shape, non-finite, no or too few beads); they are listed in
+        ``attrs["pcmx_skipped"]``. Otherwise such an image stops the run with an
+        :class:`~pcmx.errors.InputError` naming it and the cause (the cheap checks of every
+        image come before any heavy work).
+    svd : {"auto", "gram", "randomized"}
+        The SVD route (module docstring); "auto" picks by K*I.
+    power_iterations, oversamples, seed :
+        Of the randomized route (:func:`dask.array.linalg.svd_compressed`).
+    progress : bool
+        Show a progress bar per step (:mod:`tqdm.auto`: terminal or notebook).
+    client : distributed.Client, optional
+        Cluster for the per-image tasks and the SVD; by default the active Client if any.
+    workers : int, optional
+        Threads for the per-image tasks without a Client (default: dask's ``num_workers``
+        setting or the number of CPUs); 1 runs them in turn.
 
     Returns
     -------
@@ -78,113 +568,261 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         ``gamma (state, component, mode)`` (coefficients of state k =
         ``einsum("ij,jyx->iyx", gamma[k], spatial_basis)``), ``gamma_normalised`` (unit sum,
         the cone's generators, II-E-a), ``map_singular_values``, ``patch_singular_values``,
-        per-state bead counts.
+        per-state bead counts; attrs ``pcmx_parameters`` (I, J, r, SVD route, timings,
+        skipped images) and ``pcmx_skipped`` (``[{"name", "reason"}]``).
+
+    Raises
+    ------
+    InputError
+        Fewer than 2 usable images; a bad image without ``skip_bad`` (named, with the cause);
+        a checkpoint made with other arguments or inputs; bad ``svd``/``n_modes``.
     """
-    from .coefficients import coefficient_maps
     from .cone import reduce_cone
-    from .learn import bead_patches
     from .psf_basis import fit_psf_basis
 
+    t_all = time.perf_counter()
+    if svd not in ("auto", "gram", "randomized"):
+        raise InputError(f"svd={svd!r}: expected 'auto', 'gram' or 'randomized'")
+    if svd == "randomized" and n_modes is None:
+        raise InputError("svd='randomized' needs n_modes: the 2.858 * median rule needs every "
+                         "singular value of the maps (use svd='gram' or 'auto')")
+    for name, v in (("n_modes", n_modes), ("n_components", n_components), ("psf_radius", psf_radius)):
+        if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
+            raise InputError(f"{name}={v!r} must be a positive integer")
     if isinstance(images, xr.DataArray) and "state" in images.dims:
         labels = [str(v) for v in images["state"].values] if "state" in images.coords else None
         images = [images.isel(state=k) for k in range(images.sizes["state"])]
+    elif isinstance(images, (str, os.PathLike)):
+        raise InputError(f"images={os.fspath(images)!r}: expected a sequence of images (a list of "
+                         "paths), or a DataArray with a 'state' dimension")
     else:
         images = list(images)
         labels = None
     if len(images) < 2:
         raise InputError(f"a family needs at least 2 images, got {len(images)}")
     labels = labels or _labels(images)
+    client = _active_client(client)
+    if workers is None:
+        import dask
+
+        workers = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
     t = {}
+
+    # 1. cheap checks of every image before any heavy work
     t0 = time.perf_counter()
-    imgs = [as_image(im, pixel_size=pixel_size_) for im in images]
-    shape = imgs[0].shape
-    for lab, im in zip(labels, imgs):
-        if im.shape != shape:
-            raise InputError(f"{lab}: shape {im.shape} differs from {shape} of {labels[0]}")
-    bps = []
+    probed, bad = {}, {}
+    for k, (lab, item) in enumerate(zip(labels, images)):
+        img, why = _probe(item, lab, pixel_size_)
+        if why is None:
+            probed[k] = img
+        else:
+            bad[k] = why
+    shapes = Counter(tuple(im.shape) for im in probed.values())
+    ref_shape = max(shapes, key=shapes.get) if shapes else None  # ties: the first image's
+    for k in list(probed):
+        if tuple(probed[k].shape) != ref_shape:
+            bad[k] = f"shape {tuple(probed[k].shape)} differs from {ref_shape} of the other images"
+            del probed[k]
+    _handle_bad(bad, labels, skip_bad, len(images), "cannot be used")
+    first = probed[min(probed)]
+    ycoord, xcoord = first["y"], first["x"]
+    py, px = pixel_size(first, "y"), pixel_size(first, "x")
+    probed = sorted(probed)  # the indices of the images that passed
+    t["checks"] = time.perf_counter() - t0
+
+    # 2. checkpoint directory and its manifest
+    arguments = {"n_components": n_components, "psf_radius": psf_radius, "pixel_size": pixel_size_,
+                 "background": background, "realism": bool(realism), "min_beads": MIN_BEADS,
+                 "checkpoint_version": _CHECKPOINT_VERSION}
+    own = checkpoint is None
+    if own:
+        ckpt = tempfile.mkdtemp(prefix="pcmx-family-", dir=scratch)
+        inputs = [{"name": lab} for lab in labels]
+    else:
+        ckpt = os.path.abspath(os.fspath(checkpoint))
+        inputs = [_input_record(item, lab) for item, lab in zip(images, labels)]
+    fingerprint = hashlib.sha256(json.dumps(jsonable({"arguments": arguments, "inputs": inputs}),
+                                            sort_keys=True).encode()).hexdigest()
+    manifest = {"pcmx_checkpoint": _CHECKPOINT_VERSION, "fingerprint": fingerprint,
+                "arguments": arguments, "inputs": inputs}
+    try:
+        if own:
+            for step in ("beads", "maps"):
+                os.makedirs(os.path.join(ckpt, step))
+        else:
+            _prepare_checkpoint(ckpt, manifest, overwrite_checkpoint)
+        return _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all,
+                         n_components=n_components, n_modes=n_modes, psf_radius=psf_radius,
+                         pixel_size_=pixel_size_, background=background, realism=realism,
+                         chunk=chunk, skip_bad=skip_bad, svd=svd,
+                         power_iterations=power_iterations, oversamples=oversamples, seed=seed,
+                         progress=progress, client=client, workers=workers,
+                         coords=(ycoord, xcoord, py, px), ref_shape=ref_shape,
+                         fit_psf_basis=fit_psf_basis, reduce_cone=reduce_cone)
+    finally:
+        if own:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _handle_bad(bad: dict, labels, skip_bad: bool, total: int, what: str, usable: int | None = None):
+    if not bad:
+        return
+    causes = "; ".join(f"{labels[k]}: {why}" for k, why in sorted(bad.items()))
+    if not skip_bad:
+        n = len(bad)
+        raise InputError(f"{n} of {total} images {what}: {causes}; pass skip_bad=True (--skip-bad) "
+                         "to leave them out")
+    for k, why in sorted(bad.items()):
+        warnings.warn(f"{labels[k]}: skipped ({why})", PcmxWarning, stacklevel=4)
+    left = total - len(bad) if usable is None else usable
+    if left < 2:
+        raise InputError(f"only {left} usable image(s) of {total} after skipping {causes}; a family "
+                         "needs at least 2")
+
+
+def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_components,
+              n_modes, psf_radius, pixel_size_, background, realism, chunk, skip_bad, svd,
+              power_iterations, oversamples, seed, progress, client, workers, coords, ref_shape,
+              fit_psf_basis, reduce_cone):
+    import dask.array as da
+    import zarr
+
+    shape = ref_shape
+    n_images = len(images)
+    # 3. bead patches: the first usable image fixes r (when not given), the others in parallel
+    t0 = time.perf_counter()
+    summaries = {}
     r = psf_radius
-    for lab, im in zip(labels, imgs):
-        try:
-            bp = bead_patches(im, psf_radius=r, background=background)
-        except InputError as exc:
-            raise InputError(f"{lab}: {exc}") from None
-        r = bp.radius
-        bps.append(bp)
+    todo = list(probed)
+    with _bar(progress and r is None, 1, "beads (radius)", "image") as bar:
+        while r is None and todo:
+            k = todo.pop(0)
+            (s,) = _run_tasks(_bead_task, [(images[k], k, labels[k], ckpt, fingerprint, None,
+                                            background, pixel_size_)],
+                              desc="beads (radius)", progress=False, client=client, workers=1)
+            summaries[k] = s
+            if "error" not in s:
+                r = s["radius"]
+                bar.update(1)
+    args = [(images[k], k, labels[k], ckpt, fingerprint, r, background, pixel_size_) for k in todo]
+    for s in _run_tasks(_bead_task, args, desc="beads", progress=progress, client=client,
+                        workers=workers):
+        summaries[s["k"]] = s
+    heavy_bad = {k: s["error"] for k, s in summaries.items() if "error" in s}
+    bad.update(heavy_bad)
+    good = [k for k in probed if k not in heavy_bad]
+    _handle_bad(heavy_bad, labels, skip_bad, n_images, "have no usable beads",
+                usable=len(good))
+    resumed = {"beads": sum(bool(summaries[k].get("resumed")) for k in good)}
     t["beads"] = time.perf_counter() - t0
 
+    # 4. shared PSF basis over the patches of all usable images (in image order)
     t0 = time.perf_counter()
-    patches = xr.concat([bp.patches for bp in bps], dim="bead")
-    owner = np.concatenate([np.full(len(bp.positions), k) for k, bp in enumerate(bps)])
-    positions = np.concatenate([bp.positions for bp in bps])
-    basis = fit_psf_basis(patches, n_components, r=r)
-    kept = np.asarray(basis["kept"].values, dtype=bool)
-    h = np.asarray(basis["psf_basis"].values, dtype=np.float32)
-    beta = np.asarray(basis["beta"].values, dtype=np.float64)
-    owner, positions = owner[kept], positions[kept]
+    with _bar(progress, 1, "PSF basis", "step") as bar:
+        basis_fp = hashlib.sha256(f"{fingerprint}:{good}:{n_components}".encode()).hexdigest()
+        bpath = os.path.join(ckpt, "basis.zarr")
+        g = _open_entry(bpath, basis_fp)
+        if g is None:
+            patches, positions, owner = [], [], []
+            for k in good:
+                e = zarr.open_group(_entry(ckpt, "beads", k), mode="r")
+                patches.append(e["patches"][...])
+                positions.append(e["positions"][...])
+                owner.append(np.full(len(positions[-1]), k))
+            patches = np.concatenate(patches)
+            positions = np.concatenate(positions)
+            owner = np.concatenate(owner)
+            pdata = xr.DataArray(patches, dims=("bead", "ky", "kx"))
+            basis = fit_psf_basis(pdata, n_components, r=r)
+            kept = np.asarray(basis["kept"].values, dtype=bool)
+            h = np.asarray(basis["psf_basis"].values, dtype=np.float32)
+            beta = np.asarray(basis["beta"].values, dtype=np.float64)
+            psv = np.asarray(basis["singular_values"].values)
+            generators = reduce_cone(beta, psf_basis=h) if realism else np.zeros((0, h.shape[0]))
+            _atomic_dir(bpath, lambda tmp: _write_group(
+                tmp, {"psf_basis": h, "beta": beta, "positions": positions[kept],
+                      "owner": owner[kept], "singular_values": psv,
+                      "generators": np.asarray(generators, dtype=np.float64)},
+                {"fingerprint": basis_fp, "n_patches": int(len(kept))}))
+            resumed["basis"] = False
+        else:
+            resumed["basis"] = True
+        g = zarr.open_group(bpath, mode="r")
+        h = g["psf_basis"][...]
+        beta = g["beta"][...]
+        positions = g["positions"][...]
+        owner = g["owner"][...]
+        psv = g["singular_values"][...]
+        generators = g["generators"][...] if realism else None
+        n_patches = int(g.attrs["n_patches"])
+        bar.update(1)
     n_i = h.shape[0]
+    counts = np.bincount(owner, minlength=n_images)
+    few = {k: f"only {int(counts[k])} beads left after the z-score test; at least {MIN_BEADS} "
+              "are needed for the coefficient maps" for k in good if counts[k] < MIN_BEADS}
+    bad.update(few)
+    good = [k for k in good if k not in few]
+    _handle_bad(few, labels, skip_bad, n_images, "have too few usable beads", usable=len(good))
     t["psf_basis"] = time.perf_counter() - t0
 
+    # 5. coefficient maps, one task per image, written chunked to the checkpoint
     t0 = time.perf_counter()
-    generators = reduce_cone(beta, psf_basis=h) if realism else None
-    own_dir = scratch is None
-    scratch = scratch or tempfile.mkdtemp(prefix="pcmx-family-")
-    path = os.path.join(scratch, "maps.zarr")
-    k_count = len(imgs)
-    maps_store = None
-    try:
-        import zarr
+    n_rows = len(good) * n_i
+    c = int(chunk) if chunk else _svd_chunk(n_rows, shape)
+    maps_fp = hashlib.sha256(f"{basis_fp}:{c}".encode()).hexdigest()
+    args = [(k, ckpt, maps_fp, positions[owner == k], beta[owner == k], shape, generators, c)
+            for k in good]
+    ms = _run_tasks(_maps_task, args, desc="maps", progress=progress, client=client, workers=workers)
+    resumed["maps"] = sum(bool(s.get("resumed")) for s in ms)
+    t["coefficients"] = time.perf_counter() - t0
 
-        maps_store = zarr.create_array(path, shape=(k_count * n_i, *shape), dtype="float32",
-                                       chunks=(n_i, min(chunk, shape[0]), min(chunk, shape[1])),
-                                       overwrite=True)
-        for k in range(k_count):
-            sel = owner == k
-            if sel.sum() < 4:
-                raise InputError(f"{labels[k]}: only {int(sel.sum())} usable beads; at least 4 are "
-                                 "needed for its coefficient maps")
-            maps_store[k * n_i:(k + 1) * n_i] = coefficient_maps(positions[sel], beta[sel], shape,
-                                                                 generators=generators)
-        t["coefficients"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        a = da.from_zarr(maps_store).reshape(k_count * n_i, -1).astype(np.float64)
-        gram = (a @ a.T).compute()
-        evals, evecs = np.linalg.eigh(gram)
-        order = np.argsort(evals)[::-1]
-        evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
-        sv = np.sqrt(evals)
-        j = n_modes or min(rank_by_threshold(sv), k_count * n_i)
-        if j > k_count * n_i:
-            raise InputError(f"n_modes={n_modes} exceeds K*I = {k_count * n_i}")
-        proj = (evecs[:, :j] / np.where(sv[:j] > 0, sv[:j], 1.0)).astype(np.float64)
-        modes = (proj.T @ a).reshape(j, *shape).astype(np.float32).compute()
-        t["svd"] = time.perf_counter() - t0
-    finally:
-        if own_dir:
-            shutil.rmtree(scratch, ignore_errors=True)
-    # gamma_k[i, j] = <alpha_{i,k}, a_j> = s_j V[k*I + i, j] (no third pass over the maps)
-    gamma = (evecs[:, :j] * sv[:j]).reshape(k_count, n_i, j).astype(np.float32)
+    # 6. SVD of the K*I maps, streamed block by block
+    t0 = time.perf_counter()
+    maps = da.concatenate([da.from_zarr(_entry(ckpt, "maps", k), component="maps") for k in good],
+                          axis=0)
+    route = svd if svd != "auto" else ("gram" if n_modes is None or n_rows <= GRAM_MAX_ROWS else "randomized")
+    if n_modes is not None and n_modes > n_rows:
+        raise InputError(f"n_modes={n_modes} exceeds K*I = {n_rows}")
+    if route == "gram":
+        modes, gamma, sv = _svd_gram(maps, shape, c, n_modes, progress=progress, client=client)
+    else:
+        modes, gamma, sv = _svd_randomized(maps, shape, c, n_modes, power_iterations=power_iterations,
+                                           oversamples=oversamples, seed=seed, progress=progress,
+                                           client=client)
+    j = modes.shape[0]
+    gamma = gamma.reshape(len(good), n_i, j).astype(np.float32)
+    modes = modes.astype(np.float32, copy=False)
+    _fix_signs(modes, gamma)
     sums = gamma.sum(axis=(1, 2), keepdims=True)
     gamma_norm = gamma / np.where(np.abs(sums) > 0, sums, 1.0)
+    t["svd"] = time.perf_counter() - t0
+    t["total"] = time.perf_counter() - t_all
 
-    py, px = pixel_size(imgs[0], "y"), pixel_size(imgs[0], "x")
+    ycoord, xcoord, py, px = coords
+    skipped = [{"name": labels[k], "reason": why} for k, why in sorted(bad.items())]
     ds = xr.Dataset(
         {
-            "psf_basis": (("component", "ky", "kx"), h),
+            "psf_basis": (("component", "ky", "kx"), h.astype(np.float32)),
             "spatial_basis": (("mode", "y", "x"), modes),
             "gamma": (("state", "component", "mode"), gamma),
             "gamma_normalised": (("state", "component", "mode"), gamma_norm.astype(np.float32)),
-            "map_singular_values": ("map_rank", sv),
-            "patch_singular_values": ("patch_rank", np.asarray(basis["singular_values"].values)),
-            "beads_used": ("state", np.bincount(owner, minlength=k_count)),
+            "map_singular_values": ("map_rank", np.asarray(sv, dtype=np.float64)),
+            "patch_singular_values": ("patch_rank", psv),
+            "beads_used": ("state", counts[good]),
         },
-        coords={"state": labels, "component": np.arange(n_i), "mode": np.arange(j),
-                "y": imgs[0]["y"], "x": imgs[0]["x"],
+        coords={"state": [labels[k] for k in good], "component": np.arange(n_i),
+                "mode": np.arange(j), "y": ycoord, "x": xcoord,
                 **kernel_coords(h.shape[1:], None if px is None else (py, px))},
     )
     params = {"n_components": int(n_i), "n_modes": int(j), "psf_radius": int(r),
-              "realism": realism, "background": background or "default",
+              "realism": realism, "background": background or "default", "svd": route,
+              "svd_chunk": c, "n_patches": n_patches, "n_images": n_images,
+              "skipped": skipped, "resumed": resumed,
+              "scheduler": "distributed" if client is not None else f"threads ({workers})",
               "timings_s": {k: round(v, 4) for k, v in t.items()}}
-    inputs = [im for im in images if isinstance(im, (str, os.PathLike))]
-    ds.attrs = {"pcmx_type": "family", **provenance(params, inputs)}
+    if route == "randomized":
+        params.update(power_iterations=power_iterations, oversamples=oversamples, seed=seed)
+    inputs = [images[k] for k in good if isinstance(images[k], (str, os.PathLike))]
+    ds.attrs = {"pcmx_type": "family", **provenance(params, inputs), "pcmx_skipped": skipped}
     return ds
+
