@@ -1,0 +1,52 @@
+"""Blind Sparse+Smooth (BSS) deblurring with a learned family, and baselines (paper III-C, App. D).
+
+* :func:`identify_operator` (App. D-a): the operator of an image within a family, from a few
+  isolated point sources; :func:`dirac_comb_distance` to evaluate it.
+* :func:`sparse_smooth` (App. D-b): ``min_{u1, u2 >= 0} 1/2 ||H (u1 + u2) + b - y||^2 +
+  gamma1 ||u1||_1 + gamma2 ||Laplacian u2||^2`` by FISTA with adaptive restart.
+* :func:`deblur`: both steps (blind, with a family) or the second alone (with an operator),
+  as a ``restoration`` Dataset.
+* Baselines and metrics (``tikhonov``, ``richardson_lucy_tv``, ``fista_haar``,
+  ``find_sources``, ``match_sources``) live in :mod:`pcmx.deblur.baselines` and
+  :mod:`pcmx.deblur.metrics`; they are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .identify import Identification, check_family_grid, dirac_comb_distance, identify_operator, project_onto_family
+from .sparse_smooth import deblur, estimate_noise, laplacian, sparse_smooth
+
+_LAZY = {
+    "tikhonov": "pcmx.deblur.baselines",
+    "richardson_lucy_tv": "pcmx.deblur.baselines",
+    "fista_haar": "pcmx.deblur.baselines",
+    "find_sources": "pcmx.deblur.metrics",
+    "match_sources": "pcmx.deblur.metrics",
+}
+
+__all__ = [
+    "Identification",
+    "identify_operator",
+    "dirac_comb_distance",
+    "project_onto_family",
+    "check_family_grid",
+    "sparse_smooth",
+    "deblur",
+    "estimate_noise",
+    "laplacian",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pcmx.deblur' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
