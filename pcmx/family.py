@@ -107,7 +107,7 @@ def _probe(item, label: str, pixel_size_) -> tuple[xr.DataArray | None, str | No
         img = as_image(item, pixel_size=pixel_size_)
     except InputError as exc:
         return None, str(exc)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001  (readers may let a parser's own error through)
         return None, f"cannot read ({type(exc).__name__}: {exc})"
     if img.ndim != 2:
         return None, (f"dims {img.dims} of shape {tuple(img.shape)}; a family state is one 2D "
@@ -290,8 +290,9 @@ def _bead_task(item, k: int, label: str, ckpt: str, fingerprint: str, r, backgro
                              "needed for the coefficient maps")
     except InputError as exc:
         msg, source = str(exc), str(img.attrs.get("source", img.name or "image"))
-        if msg.startswith(f"{source}: "):  # the label names the image in every report
-            msg = msg[len(source) + 2:]
+        for prefix in (f"{source}: ", "image: ", "array: "):  # the label names the image
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
         _atomic_json(bad, {"name": label, "error": msg, "fingerprint": fingerprint})
         return {"k": k, "error": msg, "resumed": False}
     patches = np.asarray(bp.patches.values)

@@ -68,3 +68,233 @@ def test_learn_family_cli(sim, tmp_path, capsys):
     assert list(fam["state"].values) == ["s0.tif", "s1.tif", "s2.tif"]
     assert fam.sizes["mode"] == 2 and "K=3 states" in capsys.readouterr().out
     assert main(["learn-family", str(tmp_path / "nothing*.tif"), "-o", str(tmp_path / "f2.zarr")]) == 2
+
+
+# --------------------------------------------------------------------------- out of core, cluster,
+# nothing lost (issue 6)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import scipy.linalg  # noqa: E402
+
+from pcmx.io.readers import PcmxWarning  # noqa: E402
+
+FAMILY_VARS = ("psf_basis", "spatial_basis", "gamma", "gamma_normalised", "map_singular_values")
+
+
+def assert_same_family(a, b, rtol=1e-6, atol=1e-6):
+    assert list(a["state"].values) == list(b["state"].values)
+    for v in FAMILY_VARS:
+        x, y = np.asarray(a[v].values), np.asarray(b[v].values)
+        scale = float(np.abs(x).max())
+        np.testing.assert_allclose(y, x, rtol=rtol, atol=atol * scale, err_msg=v)
+
+
+@pytest.fixture(scope="module")
+def tiffs(tmp_path_factory):
+    """Five 384x384 simulated states as ImageJ TIFFs (pixel size in the metadata)."""
+    from pcmx.commands.simulate import write_tiff
+
+    d = tmp_path_factory.mktemp("states")
+    sim5 = simulate_beads((384, 384), 70, states=5, photons=40000.0, min_separation=24, seed=5)
+    for k in range(5):
+        write_tiff(str(d / f"s{k}.tif"), sim5["image"].isel(state=k).values, 0.065)
+    return d, sorted(str(p) for p in d.glob("s*.tif"))
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "pcmx.cli", "learn-family", *map(str, args)]
+
+
+def test_resume_after_sigkill_gives_the_same_store(tiffs, tmp_path):
+    d, paths = tiffs
+    common = ["--components", "3", "--modes", "3", "--no-progress"]
+    ref = tmp_path / "ref.zarr"
+    done = subprocess.run(_cli(*paths, "-o", ref, *common), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not os.path.exists(str(ref) + ".partial")  # removed once the store is saved
+
+    out = tmp_path / "fam.zarr"
+    ckpt = tmp_path / "fam.zarr.partial"
+    proc = subprocess.Popen(_cli(*paths, "-o", out, *common), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # kill -9 as soon as the first image's maps are checkpointed (complete entries only:
+    # half-written ones are hidden temporary siblings)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (ckpt / "maps").is_dir() and any(not p.name.startswith(".") for p in (ckpt / "maps").iterdir()):
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == [f"s{k}.tif" for k in range(5)]
+    n_maps = sum(not p.name.startswith(".") for p in (ckpt / "maps").iterdir())
+    assert 1 <= n_maps <= 5
+
+    again = subprocess.run(_cli(*paths, "-o", out, *common), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from {ckpt}: 5 images' beads" in again.stdout
+    assert not ckpt.exists()
+    fam = pcmx.open_store(out, kind="family")
+    assert fam.attrs["pcmx_parameters"]["resumed"]["beads"] == 5
+    assert fam.attrs["pcmx_parameters"]["resumed"]["maps"] >= 1
+    assert_same_family(pcmx.open_store(ref, kind="family"), fam)
+
+
+def test_checkpoint_mismatch_half_written_entries_and_overwrite(sim, tmp_path):
+    ckpt = tmp_path / "ck"
+    first = learn_family(sim["image"], n_components=4, n_modes=3, checkpoint=ckpt, workers=1)
+    assert first.attrs["pcmx_parameters"]["resumed"] == {"beads": 0, "basis": False, "maps": 0}
+    # an interrupted write: a hidden temporary sibling and an entry without its completion mark
+    (ckpt / "maps" / ".00002.zarr.tmp-deadbeef").mkdir()
+    meta = ckpt / "maps" / "00001.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    del doc["attributes"]["complete"]
+    meta.write_text(json.dumps(doc))
+    second = learn_family(sim["image"], n_components=4, n_modes=3, checkpoint=ckpt)
+    assert second.attrs["pcmx_parameters"]["resumed"] == {"beads": 4, "basis": True, "maps": 3}
+    assert not (ckpt / "maps" / ".00002.zarr.tmp-deadbeef").exists()
+    assert_same_family(first, second, rtol=0, atol=0)
+    # other arguments: refused with the difference named, or started afresh on request
+    with pytest.raises(InputError, match=r"made by a run with different arguments or inputs "
+                                         r"\(differs in: psf_radius=None -> 9\)"):
+        learn_family(sim["image"], n_components=4, n_modes=3, psf_radius=9, checkpoint=ckpt)
+    other = sim["image"].copy()
+    other[1, 5, 5] += 1
+    with pytest.raises(InputError, match=r"differs in: image 1\)"):
+        learn_family(other, n_components=4, n_modes=3, checkpoint=ckpt)
+    fresh = learn_family(sim["image"], n_components=4, n_modes=3, psf_radius=9, checkpoint=ckpt,
+                         overwrite_checkpoint=True)
+    assert fresh.attrs["pcmx_parameters"]["resumed"]["beads"] == 0
+    assert fresh.attrs["pcmx_parameters"]["psf_radius"] == 9
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, sim):
+    """Three good states plus: a corrupt TIFF, one of the wrong shape, one with no beads."""
+    from pcmx.commands.simulate import write_tiff
+
+    d = tmp_path_factory.mktemp("bad")
+    for k in range(3):
+        write_tiff(str(d / f"s{k}.tif"), sim["image"].isel(state=k).values, 0.065)
+    (d / "corrupt.tif").write_bytes(b"II*\x00 not really a TIFF")
+    write_tiff(str(d / "small.tif"), sim["image"].isel(state=3).values[:200], 0.065)
+    empty = simulate_beads((256, 256), 0, seed=3)["image"].values
+    write_tiff(str(d / "empty.tif"), empty, 0.065)
+    return d
+
+
+def test_bad_image_stops_before_any_output_and_names_it(bad_files, tmp_path, capsys):
+    from pcmx.cli import main
+
+    d = bad_files
+    out = tmp_path / "fam.zarr"
+    args = ["learn-family", str(d / "s0.tif"), str(d / "s1.tif"), str(d / "corrupt.tif"),
+            str(d / "s2.tif"), str(d / "small.tif"), "-o", str(out), "--components", "3", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "2 of 5 images cannot be used" in err
+    assert "corrupt.tif: cannot read" in err
+    assert "small.tif: shape (200, 256) differs from (256, 256) of the other images" in err
+    assert "--skip-bad" in err
+    assert not out.exists() and not os.path.exists(str(out) + ".partial")  # checked before any work
+    # an image without beads is found by the bead step: still no store written
+    args = ["learn-family", str(d / "s0.tif"), str(d / "empty.tif"), str(d / "s1.tif"),
+            "-o", str(out), "--components", "3", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 images have no usable beads: empty.tif: no beads detected" in err
+    assert f"the work done so far is kept in {out}.partial" in err
+    assert not out.exists()
+
+
+def test_skip_bad_leaves_them_out_and_records_them(bad_files, tmp_path, capsys):
+    from pcmx.cli import main
+
+    d = bad_files
+    out = tmp_path / "fam.zarr"
+    args = ["learn-family", str(d / "*.tif"), "-o", str(out), "--components", "3", "--modes", "2",
+            "--skip-bad", "--no-progress"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    fam = pcmx.open_store(out, kind="family")
+    assert list(fam["state"].values) == ["s0.tif", "s1.tif", "s2.tif"]
+    skipped = {s["name"]: s["reason"] for s in fam.attrs["pcmx_skipped"]}
+    assert sorted(skipped) == ["corrupt.tif", "empty.tif", "small.tif"]
+    assert skipped["empty.tif"].startswith("no beads detected")
+    assert skipped["small.tif"] == "shape (200, 256) differs from (256, 256) of the other images"
+    assert "skipped 3 of 6 images:" in cap.out and "  corrupt.tif: cannot read" in cap.out
+    assert "warning: empty.tif: skipped (no beads detected" in cap.err
+    # the Python API warns (PcmxWarning) and needs two usable images
+    with pytest.warns(PcmxWarning, match="small.tif: skipped"):
+        learn_family([d / "s0.tif", d / "small.tif", d / "s1.tif"], n_components=3, n_modes=2,
+                     skip_bad=True)
+    with pytest.raises(InputError, match="only 1 usable image"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PcmxWarning)
+        learn_family([d / "s0.tif", d / "small.tif"], n_components=3, skip_bad=True)
+
+
+@pytest.mark.filterwarnings("ignore:.*Creating scratch directories is taking a surprisingly long time.*")
+def test_local_cluster_gives_the_same_family_as_threads(sim, family):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster):
+        on_cluster = learn_family(sim["image"], n_components=4, n_modes=4)
+    assert on_cluster.attrs["pcmx_parameters"]["scheduler"] == "distributed"
+    assert family.attrs["pcmx_parameters"]["scheduler"].startswith("threads")
+    assert_same_family(family, on_cluster)
+
+
+def test_gram_and_randomized_routes_agree(sim, family):
+    rnd = learn_family(sim["image"], n_components=4, n_modes=4, svd="randomized", power_iterations=2)
+    assert family.attrs["pcmx_parameters"]["svd"] == "gram"
+    assert rnd.attrs["pcmx_parameters"]["svd"] == "randomized"
+    a = family["spatial_basis"].values.reshape(4, -1).astype(np.float64)
+    b = rnd["spatial_basis"].values.reshape(4, -1).astype(np.float64)
+    assert np.rad2deg(scipy.linalg.subspace_angles(a.T, b.T)).max() < 1e-3
+    # the same convention: each mode's largest entry positive, so modes and gamma compare directly
+    np.testing.assert_allclose(np.sum(a * b, axis=1), 1, atol=1e-5)
+    assert (a[np.arange(4), np.abs(a).argmax(axis=1)] > 0).all()
+    np.testing.assert_allclose(rnd["gamma"].values, family["gamma"].values, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(family["gamma"]).max()))
+    with pytest.raises(InputError, match="svd='randomized' needs n_modes"):
+        learn_family(sim["image"], svd="randomized")
+    with pytest.raises(InputError, match="svd='fast': expected 'auto', 'gram' or 'randomized'"):
+        learn_family(sim["image"], svd="fast")
+
+
+def test_cli_scheduler_and_progress(sim, family, tmp_path, capsys):
+    from pcmx.cli import main
+
+    from pcmx.commands.simulate import write_tiff
+
+    out = tmp_path / "fam.zarr"
+    paths = []
+    for k in range(4):
+        paths.append(str(tmp_path / f"s{k}.tif"))
+        write_tiff(paths[-1], sim["image"].isel(state=k).values, 0.065)
+    assert main(["learn-family", *paths, "-o", str(out), "--components", "4", "--modes", "4",
+                 "--scheduler", "local:2", "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "(SVD: gram, distributed)" in cap.out and "%|" not in cap.err
+    assert_same_family(family.assign_coords(state=[os.path.basename(p) for p in paths]),
+                       pcmx.open_store(out, kind="family"))
+    # progress bars (tqdm) on stderr by default, one per step
+    assert main(["learn-family", *paths[:3], "-o", str(tmp_path / "f2.zarr"), "--components", "3",
+                 "--modes", "2"]) == 0
+    err = capsys.readouterr().err
+    for step in ("beads", "PSF basis", "maps", "SVD (Gram)", "SVD (modes)"):
+        assert f"{step}: 100%" in err
+    assert main(["learn-family", *paths, "-o", str(tmp_path / "f3.zarr"), "--scheduler", "local:0"]) == 2
+    assert "--scheduler local:0: expected local:N with N >= 1 workers" in capsys.readouterr().err

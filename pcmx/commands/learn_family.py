@@ -1,4 +1,14 @@
-"""``pcmx learn-family IMG... --output FAM.zarr``: a family of operators from K acquisitions."""
+"""``pcmx learn-family IMG... --output FAM.zarr``: a family of operators from K acquisitions.
+
+Nothing is lost: every image's bead patches and coefficient maps are checkpointed, as they are
+computed, in ``FAM.zarr.partial/`` beside the output (``--checkpoint DIR`` to put it
+elsewhere). A run that is killed resumes where it stopped when rerun with the same arguments
+and inputs; the checkpoint is removed once the store is saved. A checkpoint made with other
+arguments or inputs is refused unless ``--overwrite`` (then it is discarded and the run starts
+afresh). A bad image (unreadable, wrong shape, non-finite, no or too few beads) stops the run
+before the store is written, naming the file and the cause, unless ``--skip-bad``: then it is
+left out, listed in the summary and in the store's ``pcmx_skipped`` attribute.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,7 @@ HELP = "learn a family of operators from bead images under varying conditions (p
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("images", nargs="+", help="2D bead images (TIFF/Zarr/.npy) or a glob; one state each")
+    parser.add_argument("images", nargs="+", help="2D bead images (TIFF/Zarr/.npy) or globs; one state each")
     parser.add_argument("-o", "--output", required=True, help="family store to write (Zarr)")
     parser.add_argument("--components", type=int, default=None, help="I (default: 2.858 x median rule)")
     parser.add_argument("--modes", type=int, default=None, help="J (default: 2.858 x median rule)")
@@ -15,12 +25,54 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pixel-size", default=None, help="e.g. 65nm, when the files lack it")
     parser.add_argument("--planes-as-states", action="store_true",
                         help="each plane of the given z-stack(s) is one state")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out images that cannot be used (unreadable, wrong shape, "
+                             "non-finite, no or too few beads) instead of stopping; they are listed "
+                             "in the summary and the store's pcmx_skipped attribute")
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
+                        help="checkpoint directory of the per-image results (default: OUTPUT.partial "
+                             "beside the output); a rerun with the same arguments resumes from it; "
+                             "removed once the store is saved")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run on a dask.distributed cluster: a scheduler address "
+                             "(tcp://host:8786), or local:N to start a local cluster of N worker "
+                             "processes; the checkpoint must be on a filesystem the workers see "
+                             "(default: threads of this process)")
+    parser.add_argument("--svd", choices=("auto", "gram", "randomized"), default="auto",
+                        help="SVD of the K*I maps: exact through the Gram matrix, randomized "
+                             "(dask svd_compressed, needs --modes), or auto by size (default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing store, and discard a checkpoint made with other "
+                             "arguments or inputs")
+
+
+def _client(spec: str):
+    from distributed import Client, LocalCluster
+
+    from ..errors import InputError
+
+    if spec.startswith("local:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise InputError(f"--scheduler {spec}: expected local:N with N >= 1 workers")
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=None)
+        return Client(cluster), cluster
+    try:
+        return Client(spec, timeout="20s"), None
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise InputError(f"--scheduler {spec}: cannot connect ({type(exc).__name__}: {exc})") from None
 
 
 def run(args) -> int:
     import glob
     import os
+    import shutil
+    import sys
+    import warnings
 
     from ..errors import InputError, StoreExistsError
     from ..family import learn_family
@@ -46,11 +98,46 @@ def run(args) -> int:
                 plane = stack.isel(z=z, drop=True)
                 plane.attrs["source"] = f"{os.path.basename(p)}[z={z}]"
                 images.append(plane)
-    ds = learn_family(images, n_components=args.components, n_modes=args.modes,
-                      psf_radius=args.psf_radius, pixel_size_=args.pixel_size)
+    checkpoint = args.checkpoint or os.path.abspath(args.output).rstrip(os.sep) + ".partial"
+    client = cluster = None
+    if args.scheduler:
+        client, cluster = _client(args.scheduler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                ds = learn_family(images, n_components=args.components, n_modes=args.modes,
+                                  psf_radius=args.psf_radius, pixel_size_=args.pixel_size,
+                                  checkpoint=checkpoint, overwrite_checkpoint=args.overwrite,
+                                  skip_bad=args.skip_bad, svd=args.svd,
+                                  progress=not args.no_progress, client=client)
+            except InputError as exc:
+                done = os.path.join(checkpoint, "beads")
+                if os.path.isdir(done) and os.listdir(done):
+                    raise InputError(f"{exc} (the work done so far is kept in {checkpoint} for a "
+                                     "rerun)") from None
+                raise
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    for w in caught:
+        print(f"pcmx {NAME}: warning: {w.message}", file=sys.stderr)
     save_store(ds, args.output, overwrite=args.overwrite)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     p = ds.attrs["pcmx_parameters"]
     sv = ds["map_singular_values"].values[: p["n_modes"] + 2]
     print(f"{args.output}: K={ds.sizes['state']} states, I={p['n_components']}, J={p['n_modes']}, "
           f"r={p['psf_radius']} px; leading map singular values {', '.join(f'{v:.3g}' for v in sv)}")
+    res = p["resumed"]
+    if res.get("beads") or res.get("maps"):
+        print(f"resumed from {checkpoint}: {res['beads']} images' beads, {res['maps']} images' maps")
+    if p["skipped"]:
+        print(f"skipped {len(p['skipped'])} of {p['n_images']} images:")
+        for s in p["skipped"]:
+            print(f"  {s['name']}: {s['reason']}")
+    t = p["timings_s"]
+    print("time " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()) + f" (SVD: {p['svd']}, "
+          f"{p['scheduler']})")
     return 0
