@@ -251,7 +251,7 @@ def _differences(old: dict, new: dict) -> list[str]:
     if len(oi) != len(ni):
         out.append(f"{len(oi)} -> {len(ni)} images")
     else:
-        out += [f"image {n.get('name')}" for o, n in zip(oi, ni) if o != n]
+        out += [f"image {n.get('name')}" for o, n in zip(oi, ni, strict=True) if o != n]
     return out
 
 
@@ -433,7 +433,7 @@ def _modes_from(maps, shape, chunk, proj, *, progress, client) -> np.ndarray:
     parts = _compute_many([dask.delayed(_project_block)(b, proj) for b in blocks],
                           desc="SVD (modes)", progress=progress, client=client)
     modes = np.empty((proj.shape[1], *shape), np.float32)
-    for (ys, xs), p in zip(_block_slices(shape, chunk), parts):
+    for (ys, xs), p in zip(_block_slices(shape, chunk), parts, strict=True):
         modes[:, ys, xs] = p
     return modes
 
@@ -612,7 +612,7 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
     # 1. cheap checks of every image before any heavy work
     t0 = time.perf_counter()
     probed, bad = {}, {}
-    for k, (lab, item) in enumerate(zip(labels, images)):
+    for k, (lab, item) in enumerate(zip(labels, images, strict=True)):
         img, why = _probe(item, lab, pixel_size_)
         if why is None:
             probed[k] = img
@@ -641,7 +641,7 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         inputs = [{"name": lab} for lab in labels]
     else:
         ckpt = os.path.abspath(os.fspath(checkpoint))
-        inputs = [_input_record(item, lab) for item, lab in zip(images, labels)]
+        inputs = [_input_record(item, lab) for item, lab in zip(images, labels, strict=True)]
     fingerprint = hashlib.sha256(json.dumps(jsonable({"arguments": arguments, "inputs": inputs}),
                                             sort_keys=True).encode()).hexdigest()
     manifest = {"pcmx_checkpoint": _CHECKPOINT_VERSION, "fingerprint": fingerprint,
