@@ -16,22 +16,28 @@ Rank rule (II-E-c)
     Gavish & Donoho's optimal hard threshold for an unknown noise level keeps the singular
     values above ``omega(beta) * median``, ``beta = min(M, P) / max(M, P)`` the aspect ratio of
     the ``M x P`` matrix; ``omega(1) = 2.858`` is the paper's (square) case and
-    ``omega(beta) ~ 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43``. The matrix is the patches
-    restricted to the bump's support (``t <= r_ext``): the pixels beyond are exactly zero and,
-    when there are more beads than pixels, add zero singular values that pull the median down
-    and inflate I (the whole-patch rule chose I = 28 on dim 2000-photon beads; this one 3-7).
+    ``omega(beta) ~ 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43``. It assumes white noise.
+    Bead patches carry Poisson-Gaussian noise, much stronger at a bright PSF's core than in its
+    wings and, after normalisation, for dim beads: its singular values spread far above the
+    white-noise bulk and the median rule keeps noise components (I = 28 on dim simulated
+    beads over whole patches, 16 instead of 3 on patches of known rank 3). The default rule
+    (``rank_rule="noise"``) estimates the noise variance ``a + b * signal`` from the residual
+    of a low-rank fit, draws Gaussian matrices with that variance (parallel analysis) and keeps
+    the singular values above Gavish & Donoho's known-noise optimal threshold for that noise
+    (:func:`noise_threshold`). The matrices are the patches restricted to the bump's support
+    (``t <= r_ext``): the pixels beyond are exactly zero and, with more beads than pixels,
+    add zero singular values that pull a median down.
 
 Outlier rejection (App. A-f)
     The paper's z-score compares each coefficient with its mean over all beads. PSFs vary over
-    the field by design, so that test flags the field's edge (on a simulated 512 x 512 field it
-    rejected 21 of 125 beads, mostly in the outer third). Here each bead's coefficients, and
-    the log of its energy outside the I-dimensional subspace (where a second bead or a hot
-    pixel mostly lies), are compared with a smooth polynomial trend over the bead positions
-    (degree up to 4, at least three beads per term), fitted twice (the second time on the
-    first pass's inliers). Each deviation is scaled robustly (1.4826 x median absolute
-    deviation), the squared z-scores are summed and the chi-square tail probability turned
-    back into one z-score, so ``outlier_sigma = 3`` rejects 0.27 % of Gaussian beads whatever
-    I. ``outlier_test="paper"`` runs the paper's test.
+    the field by design, so that test flags the field's edge (on a simulated 512 x 512 field
+    it rejected 21 of 125 clean beads, at a mean field radius of 0.89). The default test
+    (``outlier_test="field"``) predicts each bead's coefficients from its nearest neighbours
+    (a local affine fit, leave-one-out) and scales the deviation locally (where the PSFs change
+    fast, every bead deviates more), and compares the energy outside the I-dimensional
+    subspace (where a second bead or a hot pixel mostly lies) with what the bead's brightness
+    predicts. A bead is an outlier when either robust z-score exceeds ``outlier_sigma`` (3):
+    it rejects no bead of that field and catches planted doublets and hot pixels.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import numbers
 import numpy as np
 import xarray as xr
 
-from .beads import KERNEL_DIMS, bump_multiplier, radius_vector
+from .beads import KERNEL_DIMS, radius_vector
 from .errors import InputError
 
 __all__ = ["fit_psf_basis", "optimal_rank", "hard_threshold", "normalise_patches",
@@ -274,13 +280,19 @@ def outlier_scores(unit, components, positions=None, *, flux=None, test: str = "
         Orthonormal principal components.
     positions : ndarray (M, ndim), optional
         Bead positions for the field trend (``"field"`` test); a constant trend without them.
+    flux : ndarray (M,), optional
+        Each bead's flux (any unit): the expected noise energy follows ``log flux``.
     test : {"field", "paper"}
         ``"paper"``: the largest ``|c_i - mean(c_i)| / std(c_i)`` over the coefficients
-        ``c = unit @ components.T``. ``"field"``: the coefficients and the log energy outside
-        span(components) (only its excess counts) minus a polynomial trend over ``positions``
-        fitted by least squares, refitted on the beads within ``sigma`` after a first pass; each
-        deviation scaled by 1.4826 MAD over those beads; the sum of squares turned into one
-        z-score through the chi-square tail (``I + 1`` degrees of freedom).
+        ``c = unit @ components.T``. ``"field"``: the larger of two one-sided robust z-scores
+        (deviation over 1.4826 x median absolute deviation): (1) *energy*: the log of the
+        energy outside span(components), minus its least-squares fit on ``log flux`` and minus
+        its leave-one-out local affine prediction from the nearest beads; (2) *shape*: the log
+        mean square of the coefficients (each divided by the bead's noise level, the square
+        root of its off-subspace energy per dimension) minus their local prediction, each
+        scaled by the median absolute deviation of the neighbours' own deviations (at least
+        half the global one). Both are computed twice, the second time with the first pass's
+        outliers out of the fits and scales.
     sigma : float
         Threshold of the first pass's inliers (``"field"``).
 
@@ -341,9 +353,9 @@ def outlier_scores(unit, components, positions=None, *, flux=None, test: str = "
 
 
 RANK_RULES = ("noise", "support", "paper")
-"""``"noise"``: Gavish-Donoho on the support after whitening the Poisson-Gaussian noise
-(default); ``"support"``: the same without whitening; ``"paper"``: 2.858 x median over the
-whole patches (II-E-c as printed)."""
+"""``"noise"``: Gavish-Donoho's known-noise threshold for the estimated Poisson-Gaussian noise
+(default); ``"support"``: ``omega(beta) * median`` on the bump's support; ``"paper"``:
+2.858 x median over the whole patches (II-E-c as printed)."""
 
 
 def _gd_known_noise(beta: float) -> float:
@@ -368,7 +380,7 @@ def noise_threshold(raw, bump, components, *, draws: int = 3, seed: int = 0) -> 
     larger at a bright PSF's core than in its wings, larger after normalisation for dim beads
     and spread PSFs. That heteroscedastic noise has singular values far above the white-noise
     bulk, and the median rule keeps noise components (I = 28 on a bright simulated field,
-    I = 14 on patches of rank 3). Here ``a`` and ``b`` are fitted by least squares to the
+    16 on patches of rank 3). Here ``a`` and ``b`` are fitted by least squares to the
     squared residuals of the rank-``k`` reconstruction (``k = len(components)``, corrected for
     the ``k`` fitted dimensions), the variance of every entry of the normalised matrix follows,
     and Gaussian matrices with exactly that variance are drawn (parallel analysis): their
@@ -438,9 +450,9 @@ def fit_psf_basis(patches, n_components: int | None = None, *, outlier_sigma: fl
     outlier_test : {"field", "paper"}
         See :func:`outlier_scores`.
     rank_rule : {"noise", "support", "paper"}
-        ``"noise"``: ``omega(beta) * median`` of the singular values of the patches
-        restricted to the bump's support, their Poisson-Gaussian noise whitened
-        (:func:`whitened_singular_values`); ``"support"``: the same unwhitened; ``"paper"``:
+        ``"noise"``: the known-noise optimal threshold for the estimated Poisson-Gaussian
+        noise of the patches restricted to the bump's support (:func:`noise_threshold`);
+        ``"support"``: ``omega(beta) * median`` on the support; ``"paper"``:
         ``2.858 * median`` over the whole patches (II-E-c as printed). Only used when
         ``n_components`` is None.
 
