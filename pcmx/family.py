@@ -33,13 +33,30 @@ SVD streams over the maps as Dask arrays, block by spatial block, on whichever s
 active:
 
 * ``svd="gram"``: the exact route. The (K*I)^2 Gram matrix ``A A^T`` is accumulated in
-  float64 one spatial block at a time (all K*I rows of one block in memory), its
+  float64 one spatial block at a time (all K*I rows of one block in memory, float32), its
   eigendecomposition gives gamma and the singular values, and a second pass gives the modes.
   Every map is read twice; memory is bounded by one block.
 * ``svd="randomized"``: :func:`dask.array.linalg.svd_compressed` (Halko et al., the paper's
   randomized SVD) in float64 with power iterations: ``2 q + 2`` passes over the maps.
 * ``svd="auto"``: the Gram route up to K*I = :data:`GRAM_MAX_ROWS` maps (and always when J is
   chosen by the rank rule, which needs every singular value), the randomized one above.
+
+Measured (512x512 maps, J=5, 40 smooth fields + noise, uncompressed scratch, threaded
+scheduler on a shared 2-core machine under load, best of 2-3 runs; s5/s1 ~ 0.28):
+
+====  ==========  ======================  ======================
+K*I   Gram        randomized q=1          randomized q=2 (QR)
+====  ==========  ======================  ======================
+50    0.6 s       3.5 s (1.6e-6 deg)      6.1 s (3.8e-9 deg)
+200   3.9 s       5.5 s (7.5e-7 deg)      11.5 s (1.0e-10 deg)
+300   4.4 s       7.0 s (4.0e-7 deg)      9.6 s (3.3e-12 deg)
+450   9.2 s       7.6 s (5.9e-7 deg)      4.6-14.2 s (1.3e-8 deg)
+====  ==========  ======================  ======================
+
+(in brackets: largest principal angle between the routes' mode subspaces; gamma agrees to
+1e-7 relative at q=1, 1e-12 at q=2). The Gram route costs O((K*I)^2 N) flops in two reads of
+the maps, the randomized one O(K*I (J + p) N) per pass in 2q + 2 passes plus Dask's tsqr
+overhead: the two meet around K*I ~ 450-700 here, hence :data:`GRAM_MAX_ROWS` = 500.
 
 Both routes return the modes in one convention: each a_j has unit norm and its entry of
 largest magnitude is positive (the matching column of gamma flips with it).
@@ -68,13 +85,13 @@ from .units import kernel_coords, pixel_size
 
 __all__ = ["learn_family", "rank_by_threshold", "GRAM_MAX_ROWS", "MIN_BEADS"]
 
-#: Largest K*I for which ``svd="auto"`` takes the exact Gram route (see the module docstring
-#: and docs/family.md for the measurement behind it).
-GRAM_MAX_ROWS = 2000
+#: Largest K*I for which ``svd="auto"`` takes the exact Gram route (the measurement behind it
+#: is in the module docstring).
+GRAM_MAX_ROWS = 500
 #: Fewest usable beads an image needs for its coefficient maps.
 MIN_BEADS = 4
-#: Memory budget (bytes, float64) of one spatial block of all K*I maps in the SVD.
-_BLOCK_BYTES = 256 * 2**20
+#: Memory budget (bytes, float32) of one spatial block of all K*I maps in the SVD.
+_BLOCK_BYTES = 128 * 2**20
 _CHECKPOINT_VERSION = 1
 
 
@@ -410,14 +427,26 @@ def _block_slices(shape, chunk: int) -> list[tuple[slice, slice]]:
             for y in range(0, ny, chunk) for x in range(0, nx, chunk)]
 
 
+_PANEL = 1 << 14  # pixels per float64 panel inside a block
+
+
 def _gram_block(blk) -> np.ndarray:
-    b = np.asarray(blk, dtype=np.float64).reshape(blk.shape[0], -1)
-    return b @ b.T
+    """``B B^T`` of one (K*I, c, c) block, in float64 panel by panel (no float64 copy of B)."""
+    b = np.asarray(blk).reshape(blk.shape[0], -1)
+    g = np.zeros((b.shape[0], b.shape[0]))
+    for start in range(0, b.shape[1], _PANEL):
+        p = b[:, start:start + _PANEL].astype(np.float64)
+        g += p @ p.T
+    return g
 
 
 def _project_block(blk, proj) -> np.ndarray:
-    b = np.asarray(blk, dtype=np.float64).reshape(blk.shape[0], -1)
-    return (proj.T @ b).reshape(proj.shape[1], *blk.shape[1:]).astype(np.float32)
+    """``proj^T B`` of one block: the modes on it, float32."""
+    b = np.asarray(blk).reshape(blk.shape[0], -1)
+    out = np.empty((proj.shape[1], b.shape[1]), np.float32)
+    for start in range(0, b.shape[1], _PANEL):
+        out[:, start:start + _PANEL] = proj.T @ b[:, start:start + _PANEL].astype(np.float64)
+    return out.reshape(proj.shape[1], *blk.shape[1:])
 
 
 def _blocks(maps, shape, chunk):
@@ -467,7 +496,10 @@ def _svd_randomized(maps, shape, chunk, n_modes, *, power_iterations, oversample
             for ys, xs in slices]
     mat = da.concatenate(cols, axis=1).rechunk({0: -1})
     k = min(n_modes, n_rows)
+    # re-orthonormalised power iterations: plain ones lose the trailing modes in float64 when
+    # the spectrum decays fast (measured: 1e-3 degree subspace error at q=3 against 5e-7 at q=2)
     u, s, v = da.linalg.svd_compressed(mat, k=k, n_power_iter=power_iterations,
+                                       iterator="QR" if power_iterations else "power",
                                        n_oversamples=oversamples, seed=seed)
     with _bar(progress, 1, "SVD (randomized)", "step") as bar:
         if client is not None:
@@ -494,8 +526,8 @@ def _fix_signs(modes: np.ndarray, gamma: np.ndarray) -> None:
 
 
 def _svd_chunk(n_rows: int, shape) -> int:
-    """Side of the SVD's spatial blocks: K*I rows x c^2 float64 within the block budget."""
-    c = int(np.sqrt(_BLOCK_BYTES / (8 * max(n_rows, 1))))
+    """Side of the SVD's spatial blocks: K*I rows x c^2 float32 within the block budget."""
+    c = int(np.sqrt(_BLOCK_BYTES / (4 * max(n_rows, 1))))
     c = max(64, min(2048, c // 64 * 64))
     return min(c, max(shape))
 
@@ -507,7 +539,7 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
                  background: str | None = None, realism: bool = True,
                  scratch: str | None = None, chunk: int | None = None,
                  checkpoint: str | os.PathLike | None = None, overwrite_checkpoint: bool = False,
-                 skip_bad: bool = False, svd: str = "auto", power_iterations: int = 3,
+                 skip_bad: bool = False, svd: str = "auto", power_iterations: int = 2,
                  oversamples: int = 10, seed: int = 0, progress: bool = False,
                  client=None, workers: int | None = None) -> xr.Dataset:
     """Learn the family of a microscope's operators from K bead images (paper II-D).
@@ -535,8 +567,8 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         default); unused with ``checkpoint``.
     chunk : int, optional
         Side of the square spatial blocks of the maps in the scratch and of the SVD's
-        streaming; by default as large as keeps one block of all K*I maps within 256 MiB in
-        float64.
+        streaming; by default as large as keeps one block of all K*I maps within 128 MiB
+        (float32; the Gram route works on it in float64 panels of 16384 pixels).
     checkpoint : path, optional
         Persistent checkpoint directory (layout in the module docstring). Created when
         missing; resumed when its manifest matches these arguments and inputs; kept after the
