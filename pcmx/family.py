@@ -21,6 +21,10 @@ Every per-image result is written, as soon as it is computed, to a *checkpoint d
     DIR/maps/00003.zarr      image 3's coefficient maps (I, ny, nx) float32, uncompressed,
                              chunked (I, c, c) as the SVD streams them
 
+The maps are stored uncompressed: on real coefficient maps (float32, 384x384, I=5) Zstd-1
+saved 12 % of the space and Blosc-LZ4 with bit shuffling 33 %, for reads 8 % and 18 % slower
+(559 MB/s uncompressed here), and the Gram route reads every map twice.
+
 Each entry is written to a hidden temporary sibling and renamed into place, so a run killed
 at any point (``kill -9``) leaves only complete entries; a rerun with the same arguments and
 inputs skips them (their recorded fingerprint must match the manifest's) and produces the
