@@ -293,3 +293,25 @@ def test_cli_scheduler_and_progress(sim, family, tmp_path, capsys):
         assert f"{step}: 100%" in err
     assert main(["learn-family", *paths, "-o", str(tmp_path / "f3.zarr"), "--scheduler", "local:0"]) == 2
     assert "--scheduler local:0: expected local:N with N >= 1 workers" in capsys.readouterr().err
+
+
+def test_streamed_svd_on_odd_blocks_equals_the_in_memory_svd_of_the_maps(sim, family, tmp_path):
+    ckpt = tmp_path / "ck"
+    # 96-pixel blocks: 3x3 blocks of a 256x256 field, the last ones partial
+    odd = learn_family(sim["image"], n_components=4, n_modes=4, chunk=96, checkpoint=ckpt)
+    assert odd.attrs["pcmx_parameters"]["svd_chunk"] == 96
+    assert family.attrs["pcmx_parameters"]["svd_chunk"] == 256  # one block within the budget
+    assert_same_family(family, odd, rtol=1e-5, atol=1e-6)
+    import zarr
+
+    maps = np.concatenate([zarr.open_group(str(ckpt / "maps" / f"{k:05d}.zarr"))["maps"][...]
+                           for k in range(4)])
+    assert maps.dtype == np.float32 and maps.shape == (16, 256, 256)
+    assert zarr.open_group(str(ckpt / "maps" / "00000.zarr"))["maps"].chunks == (4, 96, 96)
+    u, s, vt = np.linalg.svd(maps.reshape(16, -1).astype(np.float64), full_matrices=False)
+    np.testing.assert_allclose(odd["map_singular_values"].values, s, rtol=1e-6, atol=1e-9 * s[0])
+    a = odd["spatial_basis"].values.reshape(4, -1).astype(np.float64)
+    np.testing.assert_allclose(np.abs(np.sum(a * vt[:4], axis=1)), 1, atol=1e-6)
+    # gamma_k[i, j] = <alpha_{i,k}, a_j> (II-D-b step 8)
+    gamma = np.einsum("rp,jp->rj", maps.reshape(16, -1).astype(np.float64), a).reshape(4, 4, 4)
+    np.testing.assert_allclose(odd["gamma"].values, gamma, rtol=1e-4, atol=1e-5 * np.abs(gamma).max())
