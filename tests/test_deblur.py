@@ -193,9 +193,18 @@ def test_noise_estimate():
 @pytest.fixture(scope="module")
 def scene(setup):
     """Point sources on filaments, close pairs, smooth background, Poisson noise, blurred by
-    the exact model of the held-out state (each source its own PSF at its sub-pixel position)."""
-    return simulate_point_sources((256, 256), n_sources=60, n_filaments=15, pairs_closer_than_psf=6,
-                                  operator=setup["beads"], seed=4)
+    the exact model of the held-out state (each source its own PSF at its sub-pixel position).
+
+    Sources drawn at random along filaments are often 0.5-1 px apart (neighbouring samples of
+    a curve): no method can tell those apart within the 1.5 px of the F1 score, so this seed
+    is one whose closest sources are 1.56 px apart; 16 of the 60 have a neighbour closer
+    than the PSF's FWHM (3.5 px)."""
+    sc = simulate_point_sources((256, 256), n_sources=60, n_filaments=20, pairs_closer_than_psf=6,
+                                operator=setup["beads"], seed=10)
+    ty, tx = sc["source_y"].values, sc["source_x"].values
+    d = np.hypot(ty[:, None] - ty[None], tx[:, None] - tx[None]) + np.eye(len(ty)) * 1e9
+    assert 1.5 < d.min() and (d.min(axis=1) < sc.attrs["pair_fwhm_px"]).sum() >= 12
+    return sc
 
 
 def test_bss_with_the_identified_operator_finds_the_sources(scene, identified):
