@@ -593,7 +593,9 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
     progress : bool
         Show a progress bar per step (:mod:`tqdm.auto`: terminal or notebook).
     client : distributed.Client, optional
-        Cluster for the per-image tasks and the SVD; by default the active Client if any.
+        Cluster for the per-image tasks and the SVD; by default the active Client if any. The
+        workers read the images and write and read the checkpoint (or the scratch, in
+        ``scratch``): both must be on a filesystem they see.
     workers : int, optional
         Threads for the per-image tasks without a Client (default: dask's ``num_workers``
         setting or the number of CPUs); 1 runs them in turn.
