@@ -458,13 +458,17 @@ def estimate_psf_radius(image, positions, *, max_radius: int | None = None, n_ca
                 n_beads=int(len(c)))
     if nd == 2:
         return (r_lat, info) if return_info else r_lat
-    # axial: mean over the 3x3 core at each plane offset, background of the bead's plane
+    # axial: mean over the 3x3 core at each plane offset minus that plane's own background
+    # (median of the outer rings in the plane): in a gel, the out-of-focus light of all the
+    # beads makes the background change from plane to plane
     nz = img.shape[0]
     rz_max = max(2, (nz - 1) // 2)
     col = _gather(img, c, (rz_max, 1, 1)).reshape(len(c), 2 * rz_max + 1, -1).mean(axis=2)
+    vol = _gather(img, c, (rz_max, rmax, rmax)).reshape(len(c), 2 * rz_max + 1, -1)
+    bg_z = np.median(vol[:, :, outer.ravel()], axis=2)
     planes = c[:, :1] + np.arange(-rz_max, rz_max + 1)[None, :]
     inside_z = (planes >= 0) & (planes < nz)
-    prof_z = np.where(inside_z, col - bg[:, None], -np.inf)  # planes beyond the stack: no signal
+    prof_z = np.where(inside_z, col - bg_z, -np.inf)  # planes beyond the stack: no signal
     up = prof_z[:, rz_max:]
     down = prof_z[:, rz_max::-1]
     prof_zs = np.maximum(up, down)
