@@ -146,3 +146,17 @@ def test_z_step_and_radius_arguments(sim):
     with pytest.raises(InputError, match="^validate=True: cross-validation takes 2D images; "
                                          "image is a z-stack$"):
         learn_operator(stack, validate=True)
+
+
+def test_cli_learns_a_z_stack(sim, tmp_path, capsys):
+    from pcmx.cli import main
+
+    path = tmp_path / "stack.npy"
+    np.save(path, np.asarray(sim["image"].values))
+    out = tmp_path / "op.zarr"
+    assert main(["learn", str(path), "-o", str(out), "--pixel-size", "100nm", "--z-step", "300nm",
+                 "--psf-radius", "5", "5", "5", "--components", "3"]) == 0
+    op = pcmx.open_store(out, kind="operator")
+    assert op["psf_basis"].dims == ("component", "kz", "ky", "kx") and op.sizes["component"] == 3
+    assert float(op["z"][1] - op["z"][0]) == pytest.approx(0.3)
+    assert "r=[5, 5, 5] px" in capsys.readouterr().out

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 NAME = "learn"
-HELP = "learn the space-varying operator of a microscope from one bead image (paper II-C)"
+HELP = "learn the space-varying operator of a microscope from one bead image or z-stack (paper II-C)"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("image", help="2D bead image: TIFF, Zarr/OME-Zarr or .npy")
+    parser.add_argument("image", help="2D bead image or 3D z-stack of beads in a gel: TIFF, "
+                                      "Zarr/OME-Zarr or .npy")
     parser.add_argument("-o", "--output", required=True, help="operator store to write (Zarr)")
     parser.add_argument("--components", type=int, default=None,
-                        help="I, size of the PSF basis (default: 2.858 x median singular value rule)")
-    parser.add_argument("--psf-radius", type=int, default=None, help="r in pixels (default: estimated)")
+                        help="I, size of the PSF basis (default: Gavish-Donoho optimal hard "
+                             "threshold for the patches' estimated noise)")
+    parser.add_argument("--psf-radius", type=int, nargs="+", default=None, metavar="R",
+                        help="r in pixels (default: estimated); for a z-stack one lateral "
+                             "radius or three: r_z r_y r_x")
     parser.add_argument("--pixel-size", default=None, help="e.g. 65nm, when the file lacks it")
+    parser.add_argument("--z-step", default=None,
+                        help="distance between the planes of a z-stack, e.g. 200nm, when the "
+                             "file lacks it")
     parser.add_argument("--threshold", type=float, default=None, help="detection threshold (default: automatic)")
     parser.add_argument("--background", choices=["global", "local"], default=None,
                         help="background estimator (default: the least biased, see docs/background.md)")
@@ -32,8 +39,11 @@ def run(args) -> int:
 
     if os.path.exists(args.output) and not args.overwrite:  # fail before the work, not after
         raise StoreExistsError(f"{args.output}: already exists; use --overwrite to replace it")
-    ds = learn_operator(args.image, n_components=args.components, psf_radius=args.psf_radius,
-                        pixel_size=args.pixel_size, threshold=args.threshold,
+    radius = args.psf_radius
+    if radius is not None:
+        radius = radius[0] if len(radius) == 1 else tuple(radius)
+    ds = learn_operator(args.image, n_components=args.components, psf_radius=radius,
+                        pixel_size=args.pixel_size, z_step=args.z_step, threshold=args.threshold,
                         background=args.background, eta=args.eta, realism=not args.no_realism,
                         validate=args.validate, folds=args.folds)
     save_store(ds, args.output, overwrite=args.overwrite)
