@@ -111,7 +111,7 @@ def _cli(*args):
     return [sys.executable, "-m", "pcmx.cli", "learn-family", *map(str, args)]
 
 
-def test_resume_after_sigkill_gives_the_same_store(tiffs, tmp_path):
+def test_resume_after_sigkill_gives_the_same_store(tiffs, tmp_path, capsys):
     d, paths = tiffs
     common = ["--components", "3", "--modes", "3", "--no-progress"]
     # the uninterrupted run, in process (the CLI passes the same arguments)
@@ -136,6 +136,16 @@ def test_resume_after_sigkill_gives_the_same_store(tiffs, tmp_path):
     assert [i["name"] for i in manifest["inputs"]] == [f"s{k}.tif" for k in range(5)]
     n_maps = sum(not p.name.startswith(".") for p in (ckpt / "maps").iterdir())
     assert 1 <= n_maps <= 5
+
+    # other arguments do not reuse the checkpoint (and leave it as it is)
+    from pcmx.cli import main
+
+    assert main(["learn-family", *paths, "-o", str(out), "--components", "4", "--modes", "3",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt}: made by a run with different arguments or inputs (differs in: " \
+           "n_components=3 -> 4)" in err and "--overwrite" in err
+    assert (ckpt / "manifest.json").exists()
 
     again = subprocess.run(_cli(*paths, "-o", out, *common), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
