@@ -251,18 +251,18 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
         raise InputError(f"folds={folds!r}: need an integer of at least 2")
     imgs = [as_image(im, pixel_size=pixel_size) for im in images]
     shape = imgs[0].shape
-    for lab, im in zip(labels, imgs):
+    for lab, im in zip(labels, imgs, strict=True):
         if im.shape != shape:
             raise InputError(f"{lab}: shape {im.shape} differs from {shape} of {labels[0]}")
     bps, r = [], psf_radius
-    for lab, im in zip(labels, imgs):
+    for lab, im in zip(labels, imgs, strict=True):
         try:
             bp = bead_patches(im, psf_radius=r, background=background)
         except InputError as exc:
             raise InputError(f"{lab}: {exc}") from None
         r = bp.radius
         bps.append(bp)
-    for lab, bp in zip(labels, bps):
+    for lab, bp in zip(labels, bps, strict=True):
         if len(bp.positions) < 2 * folds:
             raise InputError(f"{lab}: folds={folds} needs at least 2 beads per fold, "
                              f"{len(bp.positions)} beads")
@@ -274,10 +274,10 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     used_i, used_j = [], []
     for f in range(folds):
         train = [fo != f for fo in fold_of]
-        patches = xr.concat([bp.patches.isel(bead=np.flatnonzero(t)) for bp, t in zip(bps, train)],
+        patches = xr.concat([bp.patches.isel(bead=np.flatnonzero(t)) for bp, t in zip(bps, train, strict=True)],
                             dim="bead")
         owner = np.concatenate([np.full(int(t.sum()), k) for k, t in enumerate(train)])
-        positions = np.concatenate([bp.positions[t] for bp, t in zip(bps, train)])
+        positions = np.concatenate([bp.positions[t] for bp, t in zip(bps, train, strict=True)])
         basis = fit_psf_basis(patches, n_components, r=r)
         kept = np.asarray(basis["kept"].values, dtype=bool)
         h = np.asarray(basis["psf_basis"].values, dtype=np.float32)
@@ -303,7 +303,7 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
         proj = evecs[:, :j] @ evecs[:, :j].T  # U_J U_J^T
         used_i.append(int(n_i))
         used_j.append(int(j))
-        for k, (bp, fo) in enumerate(zip(bps, fold_of)):
+        for k, (bp, fo) in enumerate(zip(bps, fold_of, strict=True)):
             test = fo == f
             pts = bp.positions[test]
             values = np.concatenate([_sample(mp, pts) for mp in maps]).astype(np.float64)

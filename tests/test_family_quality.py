@@ -214,7 +214,7 @@ def test_true_gammas_lie_in_the_learned_cone(sim, family):
     print(f"  unseen state (defocus 0.8 um): {far:.3f}")
     # within the cone up to the estimation noise (a distance to the cone is at most the distance
     # to the state's own generator, so this also checks that gamma_normalised is gamma / sum)
-    assert all(d <= o + 1e-6 for d, o in zip(inside, own))
+    assert all(d <= o + 1e-6 for d, o in zip(inside, own, strict=True))
     assert np.median(inside) < 0.08
     assert min(reversed_) > 5 * max(inside)
     assert far > 2 * np.median(inside)
