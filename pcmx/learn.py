@@ -82,15 +82,16 @@ def _radius(psf_radius, work: np.ndarray, positions: np.ndarray):
     if psf_radius is None:
         est = beads.estimate_psf_radius(work, positions)
         return int(est) if work.ndim == 2 else tuple(int(v) for v in est)
-    vals = np.atleast_1d(np.asarray(psf_radius, dtype=object))
-    if vals.size not in ((1,) if work.ndim == 2 else (1, 3)):
+    vals = np.atleast_1d(np.asarray(psf_radius, dtype=object)).ravel()
+    if vals.size not in ((1,) if work.ndim == 2 else (1, 3)) or any(isinstance(v, bool) for v in vals):
         raise bad()
     try:
-        nums = [int(v) for v in vals if not isinstance(v, bool)]
+        floats = [float(v) for v in vals]
     except (TypeError, ValueError):
         raise bad() from None
-    if len(nums) != vals.size or any(v < 1 for v in nums) or any(float(v) != float(n) for v, n in zip(vals, nums, strict=True)):
+    if not all(np.isfinite(v) and v >= 0.5 for v in floats):
         raise bad()
+    nums = [int(round(v)) for v in floats]  # whole pixels (patches have odd integer sides)
     if work.ndim == 2:
         return nums[0]
     if len(nums) == 3:

@@ -102,7 +102,6 @@ def test_cross_validation_on_simulated_beads(sim):
 
 @pytest.mark.realdata
 def test_real_widefield_focal_plane(realdata):
-    from pcmx.cross_validation import cross_validate
 
     image = pcmx.read_image(realdata / "sample_zstack17.tif")
     op = learn_operator(image, validate=True, folds=5)
@@ -111,3 +110,15 @@ def test_real_widefield_focal_plane(realdata):
     print("real data CV:", cv, "r =", op.attrs["pcmx_parameters"]["psf_radius"],
           "I =", op.sizes["component"], op.attrs["pcmx_parameters"]["counts"])
     assert cv["median_error"] <= cv["median_error_invariant"]
+
+
+@pytest.mark.parametrize("radius", [0, -3, "big", (4, 4), True, float("nan")])
+def test_bad_psf_radius(sim, radius):
+    with pytest.raises(InputError, match=r"^psf_radius=.* must be a positive number of pixels$"):
+        learn_operator(sim["image"], psf_radius=radius)
+
+
+def test_given_radius_is_used(sim):
+    op = learn_operator(sim["image"], psf_radius=8.0, n_components=3)
+    assert op.attrs["pcmx_parameters"]["psf_radius"] == 8
+    assert op.sizes["ky"] == op.sizes["kx"] == 2 * 10 + 1  # half side ceil(1.2 r)
