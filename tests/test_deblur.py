@@ -157,13 +157,13 @@ def test_sparse_smooth_converges_to_a_kkt_point(operator_ds, offset):
     y = H.apply(u + bg) + 100 + rng.normal(0, 1, shape).astype(np.float32)
     g1, g2 = 2.0, 30.0  # small gamma2: float32 rounding of u2 stays far below 1% of the KKT scale
     objs = []
-    res = sparse_smooth(y, H, gamma1=g1, gamma2=g2, offset=offset, max_iter=3000, tol=1e-7,
+    res = sparse_smooth(y, H, gamma1=g1, gamma2=g2, offset=offset, max_iter=3000, tol=1e-6,
                         callback=lambda k, u1, u2, f: objs.append(f))
     u1, u2, b = res["sparse"].values, res["smooth"].values, res.attrs["offset"]
     assert res.attrs["converged"] and u1.min() >= 0 and u2.min() >= 0
     obj = res["objective"].values
     assert obj[-1] < 0.25 * obj[0] and obj[-1] <= obj[1:].min() * (1 + 1e-4)
-    assert np.all(np.diff(obj[-50:]) <= 1e-6 * obj[-1])  # monotone at the end
+    assert np.all(np.diff(obj[-50:]) <= 1e-5 * obj[-1])  # monotone at the end (float32 rounding)
     np.testing.assert_allclose(objs, obj[1:])
     r = H.apply(u1 + u2) + b - y
     if offset is None:

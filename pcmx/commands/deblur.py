@@ -55,8 +55,8 @@ def output_paths(out: str) -> dict:
 def run(args) -> int:
     import warnings
 
-    from ..io.readers import PcmxWarning, read_image
     from ..deblur import deblur
+    from ..io.readers import PcmxWarning, read_image
     from ..io.store import save_store
     from ..provenance import sha256_file
     from ..units import pixel_size

@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import importlib
 
-from .identify import Identification, check_family_grid, dirac_comb_distance, identify_operator, project_onto_family
+from .identify import (
+    Identification,
+    check_family_grid,
+    dirac_comb_distance,
+    identify_operator,
+    project_onto_family,
+)
 from .sparse_smooth import deblur, estimate_noise, laplacian, sparse_smooth
 
 _LAZY = {

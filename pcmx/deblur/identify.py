@@ -255,7 +255,7 @@ def _alternate(c: np.ndarray, basis: np.ndarray, v: np.ndarray, *, tol: float, m
     obj_old = np.inf
     cc = float(np.sum(c * c))
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
         m = np.einsum("k,kpi->pi", v, basis)  # (P, I)
         mm = np.sum(m * m, axis=1)
         g = np.maximum(np.sum(m * c, axis=1), 0.0) / np.where(mm > 0, mm, 1.0)
