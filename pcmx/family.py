@@ -693,10 +693,14 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
                  "checkpoint_version": _CHECKPOINT_VERSION}
     own = checkpoint is None
     if own:
+        if scratch is not None:
+            os.makedirs(scratch, exist_ok=True)
         ckpt = tempfile.mkdtemp(prefix="pcmx-family-", dir=scratch)
         inputs = [{"name": lab} for lab in labels]
     else:
         ckpt = os.path.abspath(os.fspath(checkpoint))
+        if os.path.exists(ckpt) and not os.path.isdir(ckpt):
+            raise InputError(f"checkpoint {ckpt}: exists and is not a directory")
         inputs = [_input_record(item, lab) for item, lab in zip(images, labels, strict=True)]
     fingerprint = hashlib.sha256(json.dumps(jsonable({"arguments": arguments, "inputs": inputs}),
                                             sort_keys=True).encode()).hexdigest()
