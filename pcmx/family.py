@@ -46,21 +46,22 @@ active:
   chosen by the rank rule, which needs every singular value), the randomized one above.
 
 Measured (512x512 maps, J=5, 40 smooth fields + noise, uncompressed scratch, threaded
-scheduler on a shared 2-core machine under load, best of 2-3 runs; s5/s1 ~ 0.28):
+scheduler with one BLAS thread per task on a shared 2-core machine under load, best of 2
+runs; s5/s1 ~ 0.28):
 
 ====  ==========  ======================  ======================
 K*I   Gram        randomized q=1          randomized q=2 (QR)
 ====  ==========  ======================  ======================
-50    0.6 s       3.5 s (1.6e-6 deg)      6.1 s (3.8e-9 deg)
-200   3.9 s       5.5 s (7.5e-7 deg)      11.5 s (1.0e-10 deg)
-300   4.4 s       7.0 s (4.0e-7 deg)      9.6 s (3.3e-12 deg)
-450   9.2 s       7.6 s (5.9e-7 deg)      4.6-14.2 s (1.3e-8 deg)
+50    0.5 s       2.9 s (1.6e-6 deg)      3.9 s (3.8e-9 deg)
+200   2.9 s       3.9 s (7.5e-7 deg)      5.0 s (1.0e-10 deg)
+450   4.6 s       5.8 s (5.6e-7 deg)      7.5 s (6.5e-12 deg)
+900   20.6 s      9.9 s (2.5e-7 deg)      9.2 s (8.2e-13 deg)
 ====  ==========  ======================  ======================
 
 (in brackets: largest principal angle between the routes' mode subspaces; gamma agrees to
 1e-7 relative at q=1, 1e-12 at q=2). The Gram route costs O((K*I)^2 N) flops in two reads of
 the maps, the randomized one O(K*I (J + p) N) per pass in 2q + 2 passes plus Dask's tsqr
-overhead: the two meet around K*I ~ 450-700 here, hence :data:`GRAM_MAX_ROWS` = 500.
+overhead: they meet around K*I ~ 600 here, hence :data:`GRAM_MAX_ROWS` = 600.
 
 Both routes return the modes in one convention: each a_j has unit norm and its entry of
 largest magnitude is positive (the matching column of gamma flips with it).
@@ -92,7 +93,7 @@ __all__ = ["learn_family", "rank_by_threshold", "GRAM_MAX_ROWS", "MIN_BEADS"]
 
 #: Largest K*I for which ``svd="auto"`` takes the exact Gram route (the measurement behind it
 #: is in the module docstring).
-GRAM_MAX_ROWS = 500
+GRAM_MAX_ROWS = 600
 #: Fewest usable beads an image needs for its coefficient maps.
 MIN_BEADS = 4
 #: Memory budget (bytes, float32) of one spatial block of all K*I maps in the SVD.
