@@ -20,7 +20,7 @@ Accelerated proximal gradient (FISTA, Beck & Teboulle) with gradient-based adapt
   background above it. A given ``offset`` is used as is instead;
 * the data term couples ``u1`` and ``u2`` only through ``u1 + u2``: its Hessian on
   ``(u1, u2)`` is bounded by ``2 ||H||^2``, so the step is ``1 / (2 L)`` with ``L`` the
-  power-iteration estimate of ``||H||^2`` (:func:`lipschitz_estimate`: five iterations from
+  power-iteration estimate of ``||H||^2`` (:func:`lipschitz_estimate`: three iterations from
   the constant image, times 1.02), decreased by backtracking whenever the sufficient-decrease
   condition of Beck & Teboulle fails (power iteration approaches ``||H||`` from below);
 * the smoothness term is *not* linearised (its curvature ``2 gamma2 ||Lap||^2 = 128 gamma2``
@@ -73,7 +73,7 @@ GAMMA1_FACTOR = 4.0
 BACKGROUND_SCALE_FWHM = 2.0
 """Default background length scale, in FWHMs of the PSF."""
 _LIPSCHITZ_SAFETY = 1.02
-_BACKTRACK = 1.25  # step divided by this when the sufficient-decrease test fails
+_BACKTRACK = 1.1  # step divided by this when the sufficient-decrease test fails
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def default_weights(image, op, *, sigma: float | None = None,
             "psf_l2": l2, "psf_fwhm_px": fwhm, "background_scale_px": ell}
 
 
-def lipschitz_estimate(op, *, n_iter: int = 5, rtol: float = 1e-3) -> float:
+def lipschitz_estimate(op, *, n_iter: int = 3, rtol: float = 1e-3) -> float:
     """``||H||^2`` by power iteration on ``H^T H`` started from the constant image.
 
     The largest singular vector of a blur (non-negative PSFs) is non-negative and smooth
