@@ -94,13 +94,16 @@ def learn(paths, *, svd: str, checkpoint: str | None, scratch: str) -> dict:
     from pcmx.family import learn_family
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with PeakRss() as rss:
         fam = learn_family(paths, n_components=N_COMPONENTS, n_modes=N_MODES, svd=svd,
                            checkpoint=checkpoint, scratch=scratch)
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     params = fam.attrs["pcmx_parameters"]
-    return {"wall": wall, "rss_peak": rss.peak, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"wall": wall, "cpu": cpu, "load": os.getloadavg()[0], "rss_peak": rss.peak, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "maxrss_before": before, "timings": params["timings_s"], "params": params,
             "beads": int(fam["beads_used"].sum()), "family": fam}
 
@@ -189,6 +192,10 @@ def main() -> int:
         "",
         f"* wall {wall:.0f} s ({wall / 60:.1f} min; target 10 min, ratio {wall / 600:.2f}); "
         f"{wall / args.k:.2f} s per image; {main_run['beads']} beads used",
+        f"* CPU time of the learning process {main_run['cpu']:.0f} s (user + sys): at best "
+        f"{main_run['cpu'] / 2:.0f} s ({main_run['cpu'] / 120:.1f} min) of wall on 2 idle cores; "
+        f"the machine's 1-min load average was {main_run['load']:.1f} at the end (shared machine: "
+        f"the wall above includes waiting for the CPUs)",
         f"* peak resident memory of the learning process {main_run['rss_peak']:.0f} MiB sampled, "
         f"ru_maxrss {main_run['maxrss']:.0f} MiB (target 4096 MiB, ratio "
         f"{max(main_run['rss_peak'], main_run['maxrss']) / 4096:.2f}); maps scratch on disk "
