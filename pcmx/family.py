@@ -98,7 +98,7 @@ GRAM_MAX_ROWS = 600
 MIN_BEADS = 4
 #: Memory budget (bytes, float32) of one spatial block of all K*I maps in the SVD.
 _BLOCK_BYTES = 128 * 2**20
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
 
 
 def rank_by_threshold(singular_values, factor: float = 2.858) -> int:
@@ -290,6 +290,25 @@ def _task_image(item, pixel_size_):
     return xr.DataArray(np.asarray(item), dims=("y", "x"))
 
 
+def _patches_to_arrays(patches: xr.DataArray) -> tuple[dict, dict]:
+    """The patches DataArray as plain arrays (values, coordinates) and JSON metadata."""
+    arrays = {"patches": np.asarray(patches.values)}
+    coords = {}
+    for i, (name, c) in enumerate(patches.coords.items()):
+        arrays[f"coord{i}"] = np.asarray(c.values)
+        coords[f"coord{i}"] = {"name": name, "dims": list(c.dims), "attrs": jsonable(dict(c.attrs))}
+    return arrays, {"dims": list(patches.dims), "attrs": jsonable(dict(patches.attrs)),
+                    "coords": coords}
+
+
+def _patches_from_group(g) -> xr.DataArray:
+    """Inverse of :func:`_patches_to_arrays` (values and coordinates bit for bit)."""
+    meta = g.attrs["patches_meta"]
+    coords = {c["name"]: (tuple(c["dims"]), g[key][...], c["attrs"]) for key, c in meta["coords"].items()}
+    return xr.DataArray(g["patches"][...], dims=tuple(meta["dims"]), coords=coords,
+                        attrs=dict(meta["attrs"]))
+
+
 def _bead_task(item, k: int, label: str, ckpt: str, fingerprint: str, r, background,
                pixel_size_) -> dict:
     """Bead patches of image k, checkpointed; returns a small summary (or the failure)."""
@@ -318,11 +337,11 @@ def _bead_task(item, k: int, label: str, ckpt: str, fingerprint: str, r, backgro
                 msg = msg[len(prefix):]
         _atomic_json(bad, {"name": label, "error": msg, "fingerprint": fingerprint})
         return {"k": k, "error": msg, "resumed": False}
-    patches = np.asarray(bp.patches.values)
+    arrays, meta = _patches_to_arrays(bp.patches)
     _atomic_dir(path, lambda tmp: _write_group(
-        tmp, {"patches": patches, "positions": bp.positions},
+        tmp, {**arrays, "positions": bp.positions},
         {"fingerprint": fingerprint, "name": label, "radius": int(bp.radius),
-         "counts": bp.counts, "timings_s": bp.timings}))
+         "counts": bp.counts, "timings_s": bp.timings, "patches_meta": meta}))
     return {"k": k, "radius": int(bp.radius), "n": len(bp.positions), "resumed": False}
 
 
@@ -788,14 +807,14 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
             patches, positions, owner = [], [], []
             for k in good:
                 e = zarr.open_group(_entry(ckpt, "beads", k), mode="r")
-                patches.append(e["patches"][...])
+                patches.append(_patches_from_group(e))
                 positions.append(e["positions"][...])
                 owner.append(np.full(len(positions[-1]), k))
-            patches = np.concatenate(patches)
+            # as bead_patches made them: coordinates (bead_y, bead_x, ky, kx) and attrs travel
+            patches = xr.concat(patches, dim="bead")
             positions = np.concatenate(positions)
             owner = np.concatenate(owner)
-            pdata = xr.DataArray(patches, dims=("bead", "ky", "kx"))
-            basis = fit_psf_basis(pdata, n_components, r=r)
+            basis = fit_psf_basis(patches, n_components, r=r)
             kept = np.asarray(basis["kept"].values, dtype=bool)
             h = np.asarray(basis["psf_basis"].values, dtype=np.float32)
             beta = np.asarray(basis["beta"].values, dtype=np.float64)
