@@ -325,3 +325,20 @@ def test_streamed_svd_on_odd_blocks_equals_the_in_memory_svd_of_the_maps(sim, fa
     # gamma_k[i, j] = <alpha_{i,k}, a_j> (II-D-b step 8)
     gamma = np.einsum("rp,jp->rj", maps.reshape(16, -1).astype(np.float64), a).reshape(4, 4, 4)
     np.testing.assert_allclose(odd["gamma"].values, gamma, rtol=1e-4, atol=1e-5 * np.abs(gamma).max())
+
+
+def test_checkpointed_patches_reach_the_pca_as_bead_patches_made_them(sim, family):
+    """Nothing lost through the checkpoint: values, coordinates (bead_y, bead_x) and attrs."""
+    import xarray as xr
+
+    from pcmx.learn import bead_patches
+    from pcmx.psf_basis import fit_psf_basis
+
+    r = family.attrs["pcmx_parameters"]["psf_radius"]
+    patches = xr.concat([bead_patches(sim["image"].isel(state=k), psf_radius=r).patches
+                         for k in range(4)], dim="bead")
+    direct = fit_psf_basis(patches, 4, r=r)
+    np.testing.assert_array_equal(family["psf_basis"].values, direct["psf_basis"].values)
+    np.testing.assert_array_equal(family["patch_singular_values"].values,
+                                  direct["singular_values"].values)
+    assert family["beads_used"].values.sum() == int(direct["kept"].values.sum())
