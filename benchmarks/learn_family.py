@@ -53,13 +53,28 @@ class PeakRss:
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
         self.peak = 0.0
+        self.samples: list[tuple[float, float]] = []  # (perf_counter, MiB)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mib())
+            rss = _rss_mib()
+            self.samples.append((time.perf_counter(), rss))
+            self.peak = max(self.peak, rss)
             self._stop.wait(self.interval)
+
+    def peak_per_step(self, start: float, timings: dict) -> dict:
+        """Largest sample within each step, the steps run in turn from ``start`` (``timings``
+        in seconds, in order, ``total`` ignored)."""
+        out, t = {}, start
+        for step, seconds in timings.items():
+            if step == "total":
+                continue
+            inside = [m for (ts, m) in self.samples if t <= ts <= t + seconds]
+            out[step] = max(inside) if inside else float("nan")
+            t += seconds
+        return out
 
     def __enter__(self) -> PeakRss:
         self.peak = _rss_mib()
@@ -103,7 +118,9 @@ def learn(paths, *, svd: str, checkpoint: str | None, scratch: str) -> dict:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     params = fam.attrs["pcmx_parameters"]
-    return {"wall": wall, "cpu": cpu, "load": os.getloadavg()[0], "rss_peak": rss.peak, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # learn_family's own clock starts a moment after ours: align its end with ours
+    start = t0 + wall - params["timings_s"]["total"]
+    return {"wall": wall, "cpu": cpu, "step_rss": rss.peak_per_step(start, params["timings_s"]), "load": os.getloadavg()[0], "rss_peak": rss.peak, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "maxrss_before": before, "timings": params["timings_s"], "params": params,
             "beads": int(fam["beads_used"].sum()), "family": fam}
 
@@ -116,8 +133,9 @@ def _agreement(a, b) -> tuple[float, float]:
     ma = a["spatial_basis"].values.reshape(a.sizes["mode"], -1).astype(np.float64)
     mb = b["spatial_basis"].values.reshape(b.sizes["mode"], -1).astype(np.float64)
     cos = np.linalg.svd(ma @ mb.T, compute_uv=False)
-    ga = np.einsum("kij,jp->kip", a["gamma"].values, ma)[:, :, ::997]
-    gb = np.einsum("kij,jp->kip", b["gamma"].values, mb)[:, :, ::997]
+    # the maps sum_j gamma_k[i, j] a_j at every 997th pixel (all pixels: K*I*P floats)
+    ga = np.einsum("kij,jp->kip", a["gamma"].values, ma[:, ::997])
+    gb = np.einsum("kij,jp->kip", b["gamma"].values, mb[:, ::997])
     return float(np.abs(ga - gb).max() / np.abs(ga).max()), float(1 - cos.min())
 
 
@@ -201,13 +219,14 @@ def main() -> int:
         f"{max(main_run['rss_peak'], main_run['maxrss']) / 4096:.2f}); maps scratch on disk "
         f"{maps_gb:.1f} GiB",
         "",
-        "| step | seconds | share |",
-        "|---|---|---|",
+        "| step | seconds | share | peak RSS in the step (MiB) |",
+        "|---|---|---|---|",
     ]
     for step, v in t.items():
         if step != "total":
-            lines.append(f"| {step} | {v:.1f} | {100 * v / t['total']:.0f}% |")
-    lines.append(f"| total | {t['total']:.1f} | 100% |")
+            lines.append(f"| {step} | {v:.1f} | {100 * v / t['total']:.0f}% | "
+                         f"{main_run['step_rss'].get(step, float('nan')):.0f} |")
+    lines.append(f"| total | {t['total']:.1f} | 100% | {main_run['rss_peak']:.0f} |")
     if small is not None:
         ts = small["timings"]
         per_small = (ts["beads"] + ts["coefficients"]) / small["k"]
