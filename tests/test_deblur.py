@@ -226,6 +226,20 @@ def test_bss_with_the_identified_operator_finds_the_sources(scene, identified):
     assert u1.sum() == pytest.approx(scene["amplitude"].values.sum(), rel=0.15)
 
 
+def test_fully_blind_bss_on_the_scene_itself(setup, scene):
+    """BSS as in the paper: the operator identified from the scene's own isolated sources."""
+    from pcmx.deblur import find_sources, match_sources
+
+    res = deblur(scene["image"], setup["family"], tol=2e-4)
+    n_used = res.attrs["pcmx_parameters"]["n_sources_used"]
+    assert n_used >= setup["family"].sizes["mode"]
+    ey, ex = find_sources(res["sparse"].values)
+    m = match_sources(ey, ex, scene["source_y"].values, scene["source_x"].values, tol=1.5)
+    print(n_used, "sources, residual", round(res.attrs["identification_residual"], 3),
+          {k: round(float(v), 3) for k, v in m.items()})
+    assert m["f1"] >= 0.9
+
+
 # --------------------------------------------------------------------------------------------
 # deblur(): blind, Dataset, errors
 # --------------------------------------------------------------------------------------------
