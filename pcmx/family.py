@@ -46,22 +46,23 @@ active:
   chosen by the rank rule, which needs every singular value), the randomized one above.
 
 Measured (512x512 maps, J=5, 40 smooth fields + noise, uncompressed scratch, threaded
-scheduler with one BLAS thread per task on a shared 2-core machine under load, best of 2
-runs; s5/s1 ~ 0.28):
+scheduler with one BLAS thread per task on a shared 2-core machine, load ~3, best of 2 runs;
+s5/s1 ~ 0.27):
 
 ====  ==========  ======================  ======================
 K*I   Gram        randomized q=1          randomized q=2 (QR)
 ====  ==========  ======================  ======================
-50    0.5 s       2.9 s (1.6e-6 deg)      3.9 s (3.8e-9 deg)
-200   2.9 s       3.9 s (7.5e-7 deg)      5.0 s (1.0e-10 deg)
-450   4.6 s       5.8 s (5.6e-7 deg)      7.5 s (6.5e-12 deg)
-900   20.6 s      9.9 s (2.5e-7 deg)      9.2 s (8.2e-13 deg)
+50    0.24 s      0.93 s (1.6e-6 deg)     1.16 s (3.8e-9 deg)
+450   3.6 s       3.4 s (4.6e-7 deg)      4.2 s (8.2e-13 deg)
+900   15.2 s      9.0 s (3.1e-7 deg)      8.1 s (8.2e-13 deg)
 ====  ==========  ======================  ======================
 
 (in brackets: largest principal angle between the routes' mode subspaces; gamma agrees to
-1e-7 relative at q=1, 1e-12 at q=2). The Gram route costs O((K*I)^2 N) flops in two reads of
-the maps, the randomized one O(K*I (J + p) N) per pass in 2q + 2 passes plus Dask's tsqr
-overhead: they meet around K*I ~ 600 here, hence :data:`GRAM_MAX_ROWS` = 600.
+1e-7 relative at q=1, 1e-12 at q=2; a run under load ~6 gave 0.5/2.9/3.9 s at 50, 2.9/3.9/5.0 s
+at 200, 4.6/5.8/7.5 s at 450 and 20.6/9.9/9.2 s at 900). The Gram route costs O((K*I)^2 N)
+flops in two reads of the maps, the randomized one O(K*I (J + p) N) per pass in 2q + 2
+passes plus Dask's tsqr overhead: against the default q=2 they meet around K*I ~ 500-600
+here, hence :data:`GRAM_MAX_ROWS` = 500 (the paper's 90 images x I=5 stay exact).
 
 Both routes return the modes in one convention: each a_j has unit norm and its entry of
 largest magnitude is positive (the matching column of gamma flips with it).
@@ -93,7 +94,7 @@ __all__ = ["learn_family", "rank_by_threshold", "GRAM_MAX_ROWS", "MIN_BEADS"]
 
 #: Largest K*I for which ``svd="auto"`` takes the exact Gram route (the measurement behind it
 #: is in the module docstring).
-GRAM_MAX_ROWS = 600
+GRAM_MAX_ROWS = 500
 #: Fewest usable beads an image needs for its coefficient maps.
 MIN_BEADS = 4
 #: Memory budget (bytes, float32) of one spatial block of all K*I maps in the SVD.
