@@ -342,3 +342,17 @@ def test_checkpointed_patches_reach_the_pca_as_bead_patches_made_them(sim, famil
     np.testing.assert_array_equal(family["patch_singular_values"].values,
                                   direct["singular_values"].values)
     assert family["beads_used"].values.sum() == int(direct["kept"].values.sum())
+
+
+def test_auto_svd_route_by_size(sim, monkeypatch):
+    import pcmx.family as fam_mod
+
+    monkeypatch.setattr(fam_mod, "GRAM_MAX_ROWS", 15)  # K*I = 16 maps here
+    big = learn_family(sim["image"], n_components=4, n_modes=3)
+    assert big.attrs["pcmx_parameters"]["svd"] == "randomized"
+    # J by the rank rule needs every singular value: always the Gram route
+    ruled = learn_family(sim["image"], n_components=4)
+    assert ruled.attrs["pcmx_parameters"]["svd"] == "gram"
+    assert ruled.sizes["map_rank"] == 16 and big.sizes["map_rank"] == 3
+    monkeypatch.setattr(fam_mod, "GRAM_MAX_ROWS", 16)
+    assert learn_family(sim["image"], n_components=4, n_modes=3).attrs["pcmx_parameters"]["svd"] == "gram"
