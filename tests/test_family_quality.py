@@ -15,7 +15,8 @@ against the exact PSFs of the simulator:
 Both models get the same PSF radius r = 12 px: the automatic estimate on such dim beads is
 8-10 px, and the truncation it causes would dominate both errors (it is measured in
 ``docs/family.md``). The family uses I = J = 8: ten states span more PSF shapes than one, and
-with I = 5 the shared basis alone cannot represent the true PSFs better than ~12% (printed).
+with I = 5 the shared basis alone cannot represent the true PSFs better than ~12% (see
+docs/family.md; the I = 8 floor is printed).
 """
 
 import numpy as np
