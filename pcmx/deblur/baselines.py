@@ -323,13 +323,12 @@ def richardson_lucy_tv(image, operator, *, lam: float = 0.002, n_iter: int = 50,
     flux = max(float(np.sum(np.clip(y - b, 0, None), dtype=np.float64)), 1e-12)
     eps = np.float32(1e-3 * flux / y.size if eps is None else _positive(eps, "eps"))
     u = np.full_like(y, flux / float(np.sum(ht1, dtype=np.float64)))
-    yb = np.clip(y - np.float32(b), 0, None)
+    y_pos = np.clip(y, 0, None)  # read noise can make counts negative; Poisson needs >= 0
     b32 = np.float32(b)
     tiny = np.float32(1e-12 * max(flux / y.size, 1e-30))
     for _ in range(n_iter):
         model = np.asarray(op.apply(u), dtype=np.float32)
-        # y / (Hu + b) on the offset-removed data: (yb + b) / (Hu + b)
-        ratio = (yb + b32) / np.maximum(model + b32, tiny)
+        ratio = y_pos / np.maximum(model + b32, tiny)
         corr = np.asarray(op.adjoint(ratio), dtype=np.float32)
         if lam > 0:
             gy, gx = _grad(u, periodic)
