@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xarray as xr
 
+import pcmx
+from pcmx.deblur.baselines import (
+    estimate_offset,
+    fista_haar,
+    richardson_lucy_tv,
+    scale_operator,
+    tikhonov,
+    tikhonov_fourier,
+)
 from pcmx.deblur.metrics import find_sources, match_sources
 from pcmx.errors import InputError
+from pcmx.simulate import simulate_point_sources, true_operator
 
 # ---------------------------------------------------------------- metrics
 
@@ -14,7 +25,7 @@ from pcmx.errors import InputError
 def _gauss_image(ys, xs, amps, shape=(64, 64), sigma=1.2):
     yy, xx = np.mgrid[:shape[0], :shape[1]]
     img = np.zeros(shape)
-    for y, x, a in zip(ys, xs, amps):
+    for y, x, a in zip(ys, xs, amps, strict=True):
         img += a * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma ** 2))
     return img.astype(np.float32)
 
@@ -93,19 +104,6 @@ def test_match_sources_empty_and_errors():
 
 
 # ---------------------------------------------------------------- baselines
-import xarray as xr  # noqa: E402
-
-import pcmx  # noqa: E402
-from pcmx.deblur.baselines import (  # noqa: E402
-    estimate_offset,
-    fista_haar,
-    richardson_lucy_tv,
-    scale_operator,
-    tikhonov,
-    tikhonov_fourier,
-)
-from pcmx.simulate import simulate_point_sources, true_operator  # noqa: E402
-
 N = 96
 OFFSET = 100.0
 
