@@ -15,7 +15,7 @@ from pcmx.deblur.baselines import (
     tikhonov,
     tikhonov_fourier,
 )
-from pcmx.deblur.metrics import find_sources, match_sources
+from pcmx.deblur.metrics import find_sources, match_sources, score_restoration
 from pcmx.errors import InputError
 from pcmx.simulate import simulate_point_sources, true_operator
 
@@ -250,3 +250,11 @@ def test_baselines_bad_input(case):
         fista_haar(y, H, levels=9)
     with pytest.raises(InputError, match="offset=nan must be finite"):
         fista_haar(y, H, offset=float("nan"))
+
+
+def test_score_restoration_picks_the_best_threshold():
+    ys, xs = np.array([10.0, 30.0, 50.0]), np.array([10.0, 30.0, 50.0])
+    img = _gauss_image(ys, xs, np.array([10.0, 10.0, 1.5]))  # the faint one is 15% of the max
+    m = score_restoration(img, ys, xs, relative=(0.3, 0.1))
+    assert (m["relative"], m["n_matched"], m["f1"]) == (0.1, 3, 1.0)
+    assert score_restoration(img, ys, xs, relative=(0.3,))["n_matched"] == 2
