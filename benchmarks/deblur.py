@@ -129,7 +129,7 @@ def big_restore(n: int = 2304):
     from pcmx.deblur import sparse_smooth
     from pcmx.simulate import simulate_point_sources, true_operator
 
-    base = simulate_point_sources((256, 256), n_sources=8, seed=10)
+    base = simulate_point_sources((256, 256), n_sources=8, pairs_closer_than_psf=0, seed=10)
     small = true_operator(base, n_components=4, kernel_size=21, grid=8)
     import scipy.ndimage as ndi
     import xarray as xr
