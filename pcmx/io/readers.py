@@ -8,6 +8,7 @@ coordinates and a :class:`PcmxWarning` saying so.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import warnings
@@ -84,15 +85,55 @@ def _tiff_pixel_size(tif) -> tuple[float | None, float | None, float | None]:
     return (None, None, None)
 
 
+class _TiffLog(logging.Handler):
+    """Collects what tifffile logs while reading (it logs, rather than raises, a broken IFD chain)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _check_tiff_complete(tif, path: str, log: _TiffLog) -> None:
+    """Raise on a TIFF that tifffile read only partly (a truncated stack loses its last pages
+    with only a log message; a truncated last strip is read past the end of the file)."""
+    broken = [m for m in log.messages if "invalid page offset" in m]
+    if broken:
+        raise ValueError(broken[0])
+    size = os.path.getsize(path)
+    for page in tif.pages:
+        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+        if ends and max(ends) > size:
+            raise ValueError(f"image data ends at byte {max(ends)} but the file has {size} bytes")
+
+
 def _read_tiff(path: str) -> tuple[np.ndarray, tuple]:
+    """Every failure is an :class:`InputError` naming the file, chained from the parser's error
+    (tifffile raises IndexError, struct.error, zlib.error... on corrupt or truncated files)."""
     import tifffile
 
+    log = _TiffLog()
+    tiff_logger = logging.getLogger("tifffile")
+    tiff_logger.addHandler(log)
     try:
         with tifffile.TiffFile(path) as tif:
             data = tif.asarray()
+            _check_tiff_complete(tif, path, log)
             sizes = _tiff_pixel_size(tif)
-    except (OSError, ValueError, tifffile.TiffFileError) as exc:
-        raise InputError(f"{path}: cannot read TIFF ({exc})") from None
+    except MemoryError as exc:
+        raise InputError(
+            f"cannot read {path}: not enough memory for the image its header describes "
+            f"(corrupt, or too large to load at once): {exc}"
+        ) from exc
+    except OSError as exc:  # permissions, a directory named *.tif, I/O errors
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # noqa: BLE001  (any parser error means a broken file)
+        cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read {path}: not a valid TIFF (truncated or corrupt): {cause}") from exc
+    finally:
+        tiff_logger.removeHandler(log)
     return data, sizes
 
 
