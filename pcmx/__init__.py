@@ -25,7 +25,9 @@ _LAZY = {
     "learn_operator": "pcmx.learn",
     "cross_validate": "pcmx.cross_validation",
     "learn_family": "pcmx.family",
-    "deblur": "pcmx.deblur",
+    "cross_validate_family": "pcmx.cross_validation",
+    "identify_operator": "pcmx.deblur",
+    "deblur": "pcmx.deblur",  # the subpackage (pcmx.deblur.deblur is the function)
     "testing": "pcmx.testing",
     "plot": "pcmx.plot",
 }

@@ -60,3 +60,32 @@ def test_intact_tiff_still_reads(tmp_path):
     tifffile.imwrite(tmp_path / "ok.tif", data, imagej=True)
     img = pcmx.read_image(tmp_path / "ok.tif", pixel_size="65nm")
     np.testing.assert_array_equal(img.values, data)
+
+
+@pytest.mark.parametrize("name", ["learn_operator", "cross_validate", "learn_family", "cross_validate_family",
+                                  "identify_operator", "ProductConvolution"])
+def test_top_level_lazy_exports_resolve(name):
+    value = getattr(pcmx, name)
+    assert callable(value) and value.__name__ == name
+    assert name in pcmx.__all__ and name in dir(pcmx)
+
+
+def test_pcmx_deblur_is_the_subpackage_with_the_function_inside():
+    assert pcmx.deblur is importlib.import_module("pcmx.deblur")
+    assert callable(pcmx.deblur.deblur) and pcmx.deblur.deblur.__module__ == "pcmx.deblur.sparse_smooth"
+
+
+@pytest.mark.parametrize("name", ["identify_operator", "sparse_smooth", "deblur", "tikhonov", "tikhonov_fourier",
+                                  "richardson_lucy_tv", "fista_haar", "scale_operator", "estimate_offset",
+                                  "find_sources", "match_sources", "score_restoration"])
+def test_deblur_exports_resolve(name):
+    import pcmx.deblur as d
+
+    assert name in d.__all__ and callable(getattr(d, name)) and getattr(d, name).__name__ == name
+
+
+def test_deblur_all_is_importable():
+    import pcmx.deblur as d
+
+    missing = [n for n in d.__all__ if not hasattr(d, n)]
+    assert missing == []

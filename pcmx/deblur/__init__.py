@@ -6,9 +6,10 @@
   gamma1 ||u1||_1 + gamma2 ||Laplacian u2||^2`` by FISTA with adaptive restart.
 * :func:`deblur`: both steps (blind, with a family) or the second alone (with an operator),
   as a ``restoration`` Dataset.
-* Baselines and metrics (``tikhonov``, ``richardson_lucy_tv``, ``fista_haar``,
-  ``find_sources``, ``match_sources``) live in :mod:`pcmx.deblur.baselines` and
-  :mod:`pcmx.deblur.metrics`; they are loaded on first use.
+* Baselines (``tikhonov``, ``tikhonov_fourier``, ``richardson_lucy_tv``, ``fista_haar``,
+  ``scale_operator``, ``estimate_offset``) live in :mod:`pcmx.deblur.baselines`, metrics
+  (``find_sources``, ``match_sources``, ``score_restoration``) in :mod:`pcmx.deblur.metrics`;
+  they are loaded on first use.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ from .sparse_smooth import deblur, estimate_noise, laplacian, sparse_smooth
 
 _LAZY = {
     "tikhonov": "pcmx.deblur.baselines",
+    "tikhonov_fourier": "pcmx.deblur.baselines",
     "richardson_lucy_tv": "pcmx.deblur.baselines",
     "fista_haar": "pcmx.deblur.baselines",
+    "scale_operator": "pcmx.deblur.baselines",
+    "estimate_offset": "pcmx.deblur.baselines",
     "find_sources": "pcmx.deblur.metrics",
     "match_sources": "pcmx.deblur.metrics",
+    "score_restoration": "pcmx.deblur.metrics",
 }
 
 __all__ = [
