@@ -67,6 +67,11 @@ _SPACING_PER_STEP = 4.0
 _MIN_STEP, _MAX_STEP = 4, 32
 # Evaluation chunks: at most this many (node, bead) kernel values in memory at once.
 _CHUNK = 1 << 22
+# Lattice blocks: at most this many lattice nodes evaluated and projected onto the cone at once
+# (the active-set projection holds ~1.5 kB per node with G ~ 30 generators: ~50 MB per block).
+# The adaptive step can go down to 1 pixel on a field with an outlier bead, i.e. every pixel
+# of a 2304 x 2304 field (5.3 M nodes, ~7 GB in one piece); in blocks the peak stays bounded.
+_NODE_BLOCK = 1 << 15
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,10 +428,20 @@ def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generator
         from .cone import project_grid, project_onto_cone
 
     kdt = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    n_out = tps.n_outputs
 
     def lattice_values(nodes):
-        coarse = tps.evaluate_nodes(nodes, kernel_dtype=kdt)
-        return coarse if generators is None else project_grid(coarse, generators)
+        # Exact values (projected onto the cone) block by block, stored in the working
+        # precision of the upsampling (float32 unless dtype is float64: separable_upsample
+        # casts to it anyway), so the peak is one block's temporaries plus the lattice itself.
+        lat = tuple(len(n) for n in nodes)
+        coarse = np.empty((n_out, *lat), dtype=kdt)
+        for sl in _lattice_blocks(lat, _NODE_BLOCK):
+            vals = tps.evaluate_nodes([n[s] for n, s in zip(nodes, sl, strict=True)], kernel_dtype=kdt)
+            if generators is not None:
+                vals = project_grid(vals, generators)
+            coarse[(slice(None), *sl)] = vals
+        return coarse
 
     sample = _sample_pixels(tps, shape)
     exact = tps(sample)
@@ -434,14 +449,10 @@ def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generator
         exact = project_onto_cone(exact, generators)
     while True:
         nodes = [lattice_nodes(n, step) for n in shape]
+        coarse = None  # the previous (coarser) lattice is not needed any more
         coarse = lattice_values(nodes)
         ops = [AxisInterp(nd, n, kind) for nd, n in zip(nodes, shape, strict=True)]
-        rows = [op.rows(sample[:, a]) for a, op in enumerate(ops)]
-        t = np.matmul(rows[0], coarse.reshape(coarse.shape[0], coarse.shape[1], -1))  # (I, n, rest)
-        t = t.reshape(coarse.shape[0], len(sample), *coarse.shape[2:])
-        for r in rows[1:]:  # contract the next axis with each sample's own row
-            t = np.einsum("ing...,ng->in...", t, r)
-        approx = t.T
+        approx = _interpolate_samples(coarse, ops, sample)
         # PSF-relative: with an orthonormal PSF basis, ||delta alpha|| / ||alpha|| is the
         # relative l2 error of the PSF; normalised by the RMS norm of the sampled vectors.
         ref = max(float(np.sqrt(np.mean(np.sum(exact * exact, axis=1)))), 1e-300)
@@ -452,9 +463,52 @@ def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generator
         if not auto or err <= tol or all_exact:
             break
         step = max(1, step // 2)
-    maps = separable_upsample(coarse, ops, dtype=dtype)
+    if all(op.identity for op in ops):
+        maps = coarse.astype(dtype, copy=False)  # exact at every pixel: no full-size copy
+    else:
+        maps = separable_upsample(coarse, ops, dtype=dtype)
+    del coarse
     return maps, {"step": step, "max_error": err, "max_error_per_map": per_map,
                   "n_checked": len(sample)}
+
+
+def _lattice_blocks(lat: tuple[int, ...], limit: int):
+    """Index tuples (one slice per axis) tiling a lattice of shape ``lat`` in C order, each
+    block holding at most ``max(limit, 1)`` nodes: runs of whole rows (slabs) along the first
+    axis, or, when one row is already larger than ``limit``, single rows split further."""
+    limit = max(1, int(limit))
+    inner = int(np.prod(lat[1:]))
+    if len(lat) == 1 or inner <= limit:
+        rows = max(1, limit // max(1, inner))
+        rest = tuple(slice(None) for _ in lat[1:])
+        for s in range(0, lat[0], rows):
+            yield (slice(s, min(s + rows, lat[0])), *rest)
+        return
+    for s in range(lat[0]):
+        for sub in _lattice_blocks(lat[1:], limit):
+            yield (slice(s, s + 1), *sub)
+
+
+def _interpolate_samples(coarse: np.ndarray, ops: list[AxisInterp], sample: np.ndarray) -> np.ndarray:
+    """Interpolated values (S, I) at the sample pixels (S, d) from lattice values (I, *lat).
+
+    In chunks of samples: the first contraction leaves an (I, chunk, *lat[1:]) array, kept
+    below ~_CHUNK values, in ``coarse``'s dtype (no float64 copy of a float32 lattice).
+    """
+    n_out, lat = coarse.shape[0], coarse.shape[1:]
+    flat = coarse.reshape(n_out, lat[0], -1)
+    rest = int(np.prod(lat[1:]))
+    chunk = max(1, _CHUNK // max(1, n_out * rest))
+    approx = np.empty((len(sample), n_out))
+    for s in range(0, len(sample), chunk):
+        smp = sample[s : s + chunk]
+        rows = [op.rows(smp[:, a]).astype(coarse.dtype, copy=False) for a, op in enumerate(ops)]
+        t = np.matmul(rows[0], flat)  # (I, chunk, rest)
+        t = t.reshape(n_out, len(smp), *lat[1:])
+        for r in rows[1:]:  # contract the next axis with each sample's own row
+            t = np.einsum("ing...,ng->in...", t, r)
+        approx[s : s + len(smp)] = t.T
+    return approx
 
 
 # --------------------------------------------------------------------------------------------
