@@ -236,6 +236,73 @@ def test_coefficient_maps_convenience():
     assert set(info) >= {"step", "max_error"}
 
 
+def test_lattice_blocks_tile_the_lattice():
+    from pcmx.coefficients import _lattice_blocks
+
+    for lat, limit in [((37, 41), 100), ((37, 41), 10), ((5, 7, 9), 20), ((5, 7, 9), 4), ((13,), 5)]:
+        seen = np.zeros(lat, dtype=int)
+        for sl in _lattice_blocks(lat, limit):
+            assert seen[sl].size <= limit
+            seen[sl] += 1
+        np.testing.assert_array_equal(seen, 1)  # every node exactly once
+
+
+@pytest.mark.parametrize("step", [1, 3, None])
+def test_lattice_is_evaluated_and_projected_in_bounded_blocks(monkeypatch, step):
+    """The lattice is evaluated and projected onto the cone a block of at most _NODE_BLOCK nodes
+    at a time (the adaptive step can reach 1 px: all 5.3 M pixels of a 2304^2 field, 7 GB in
+    one piece), with the same maps as in one piece and a peak set by the block size."""
+    import tracemalloc
+
+    import pcmx.coefficients as coefficients
+    import pcmx.cone as cone
+    from pcmx.cone import reduce_cone
+
+    rng = np.random.default_rng(12)
+    shape = (256, 240)
+    pts = _scatter(rng, 60, shape)
+    u = pts / np.asarray(shape, dtype=float)
+    beta = np.column_stack([_smooth(pts, shape), 0.2 * u[:, 0] * u[:, 1] - 0.1,
+                            0.1 * np.sin(5 * u[:, 0] + u[:, 1]), 0.05 * rng.standard_normal(60)])
+    gen = reduce_cone(beta, angle_threshold_deg=0.5)
+
+    monkeypatch.setattr(coefficients, "_NODE_BLOCK", 1 << 30)  # one piece
+    whole, _, info_whole = coefficient_maps(pts, beta, shape, generators=gen, step=step, return_spline=True)
+
+    sizes = {"project": [], "evaluate": []}
+    project_grid, evaluate_nodes = cone.project_grid, coefficients.ThinPlateSpline.evaluate_nodes
+
+    def counting_project(values, generators, **kw):
+        sizes["project"].append(int(np.prod(np.shape(values)[1:])))
+        return project_grid(values, generators, **kw)
+
+    def counting_evaluate(self, nodes, **kw):
+        sizes["evaluate"].append(int(np.prod([len(n) for n in nodes])))
+        return evaluate_nodes(self, nodes, **kw)
+
+    monkeypatch.setattr(cone, "project_grid", counting_project)
+    monkeypatch.setattr(coefficients.ThinPlateSpline, "evaluate_nodes", counting_evaluate)
+    monkeypatch.setattr(coefficients, "_NODE_BLOCK", 2048)
+    tracemalloc.start()
+    try:
+        blocks, _, info = coefficient_maps(pts, beta, shape, generators=gen, step=step, return_spline=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    n_nodes = int(np.prod([len(lattice_nodes(n, info["step"])) for n in shape]))
+    assert max(sizes["project"]) <= 2048 and max(sizes["evaluate"]) <= 2048
+    assert sum(sizes["project"]) >= n_nodes  # every node of the final lattice was projected
+    assert blocks.dtype == np.float32 and blocks.shape == (5, *shape)
+    assert info["step"] == info_whole["step"]
+    assert info["max_error"] == pytest.approx(info_whole["max_error"], rel=1e-4, abs=1e-7)
+    # the projection is unique: blocks only change rounding
+    np.testing.assert_allclose(blocks, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    if step == 1:
+        # one piece: ~80 MB of active-set state for the 61 k nodes; in blocks: the maps
+        # (1.2 MB) and one block's temporaries
+        assert peak < 25 * 2**20, peak / 2**20
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 
