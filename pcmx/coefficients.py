@@ -408,7 +408,7 @@ def _sample_pixels(tps: ThinPlateSpline, shape: tuple[int, ...]) -> np.ndarray:
     return np.unique(np.clip(np.concatenate(pix), 0, hi), axis=0)
 
 
-def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generators, dtype):
+def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generators, dtype, project=None):
     """Exact lattice values (projected onto the cone with ``generators``) + separable upsampling.
 
     With ``step=None`` the step starts at :func:`default_step` (halved for bilinear) and is
@@ -424,8 +424,24 @@ def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generator
     step = int(step)
     if step < 1:
         raise InputError(f"step: must be a positive number of pixels, got {step}")
+    # the realism projection: onto cone(generators) (App. C-b), or any row-wise projector
+    # ``project((N, I) rows) -> rows`` (e.g. pcmx.cone.project_nonnegative)
+    project_rows = project_lattice = None
     if generators is not None:
         from .cone import project_grid, project_onto_cone
+
+        def project_rows(rows):
+            return project_onto_cone(rows, generators)
+
+        def project_lattice(vals):
+            return project_grid(vals, generators)
+    elif project is not None:
+        project_rows = project
+
+        def project_lattice(vals):
+            rows = np.moveaxis(vals, 0, -1).reshape(-1, vals.shape[0])
+            out = np.asarray(project(rows), dtype=vals.dtype)
+            return np.moveaxis(out.reshape(*vals.shape[1:], vals.shape[0]), -1, 0)
 
     kdt = np.float64 if np.dtype(dtype) == np.float64 else np.float32
     n_out = tps.n_outputs
@@ -438,15 +454,15 @@ def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generator
         coarse = np.empty((n_out, *lat), dtype=kdt)
         for sl in _lattice_blocks(lat, _NODE_BLOCK):
             vals = tps.evaluate_nodes([n[s] for n, s in zip(nodes, sl, strict=True)], kernel_dtype=kdt)
-            if generators is not None:
-                vals = project_grid(vals, generators)
+            if project_lattice is not None:
+                vals = project_lattice(vals)
             coarse[(slice(None), *sl)] = vals
         return coarse
 
     sample = _sample_pixels(tps, shape)
     exact = tps(sample)
-    if generators is not None:
-        exact = project_onto_cone(exact, generators)
+    if project_rows is not None:
+        exact = project_rows(exact)
     while True:
         nodes = [lattice_nodes(n, step) for n in shape]
         coarse = None  # the previous (coarser) lattice is not needed any more
@@ -798,7 +814,7 @@ def fit_tps(points, values, *, domain_shape, weights="voronoi", eta=None,
 
 
 def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: int | None = None,
-                     tol: float | None = None, generators=None, dtype=np.float32,
+                     tol: float | None = None, generators=None, project=None, dtype=np.float32,
                      return_spline: bool = False):
     """Coefficient maps alpha_i on the whole pixel grid (paper App. C-a, optionally C-b).
 
@@ -827,6 +843,11 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
         on the lattice are projected onto cone(generators) (App. C-b) and upsampled
         bilinearly; the weights of bilinear interpolation are non-negative, so every pixel is
         a conical combination of projected nodes and lies in the cone.
+    project : callable, optional
+        Another realism projection instead of the cone, ``project(rows (N, I)) -> (N, I)``
+        (e.g. ``functools.partial(pcmx.cone.project_nonnegative, psf_basis=h)``), applied
+        like ``generators`` to the lattice nodes before bilinear upsampling; exclusive with
+        ``generators``.
     dtype : dtype, default float32
     return_spline : bool
         Also return the fitted :class:`ThinPlateSpline` (eta, GCV score, weights) and the
@@ -841,10 +862,13 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
     shape = tuple(int(s) for s in shape)
     tps = fit_tps(points, beta, domain_shape=shape, weights=weights, eta=eta)
     shape = tps._grid_shape(shape)
-    if generators is None:
+    if generators is not None and project is not None:
+        raise InputError("give generators (the cone) or project, not both")
+    if generators is None and project is None:
         maps, info = _adaptive_lattice(tps, shape, step, 1e-3 if tol is None else tol,
                                        kind="cubic", generators=None, dtype=dtype)
     else:
         maps, info = _adaptive_lattice(tps, shape, step, 3e-3 if tol is None else tol,
-                                       kind="linear", generators=generators, dtype=dtype)
+                                       kind="linear", generators=generators, dtype=dtype,
+                                       project=project)
     return (maps, tps, info) if return_spline else maps

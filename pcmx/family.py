@@ -102,6 +102,20 @@ _BLOCK_BYTES = 128 * 2**20
 _CHECKPOINT_VERSION = 2
 
 
+#: Realism: predicted PSFs kept >= -REALISM_FLOOR * their peak (both projections).
+REALISM_FLOOR = 0.01
+_REALISM = {"nonnegative": "nonnegative", "cone": "cone", True: "cone", False: False, None: False,
+            "none": False}
+
+
+def _realism_mode(realism):
+    key = realism.lower() if isinstance(realism, str) else realism
+    if isinstance(key, (bool, str)) or key is None:
+        if key in _REALISM:
+            return _REALISM[key]
+    raise InputError(f"realism={realism!r}: expected 'nonnegative', 'cone' or False")
+
+
 def rank_by_threshold(singular_values, factor: float = 2.858) -> int:
     """Number of singular values above ``factor * median`` (II-E-c; Gavish & Donoho)."""
     s = np.asarray(singular_values, dtype=np.float64)
@@ -347,14 +361,22 @@ def _bead_task(item, k: int, label: str, ckpt: str, fingerprint: str, r, backgro
 
 
 def _maps_task(k: int, ckpt: str, fingerprint: str, positions, beta, shape, generators,
-               chunk: int) -> dict:
-    """Coefficient maps alpha_{i,k} of image k, written (I, c, c)-chunked, uncompressed."""
+               chunk: int, nonnegative_basis=None) -> dict:
+    """Coefficient maps alpha_{i,k} of image k, written (I, c, c)-chunked, uncompressed.
+
+    ``generators``: the cone's (realism "cone"); ``nonnegative_basis``: the PSF basis, for
+    realism by non-negativity (:func:`pcmx.cone.project_nonnegative`)."""
     from .coefficients import coefficient_maps
+    from .cone import project_nonnegative
 
     path = _entry(ckpt, "maps", k)
     if _open_entry(path, fingerprint) is not None:
         return {"k": k, "resumed": True}
-    maps = coefficient_maps(positions, beta, tuple(shape), generators=generators)
+    project = None
+    if nonnegative_basis is not None:
+        def project(rows):
+            return project_nonnegative(rows, nonnegative_basis, floor=REALISM_FLOOR)
+    maps = coefficient_maps(positions, beta, tuple(shape), generators=generators, project=project)
     n_i = maps.shape[0]
     _atomic_dir(path, lambda tmp: _write_group(
         tmp, {"maps": maps.astype(np.float32, copy=False)}, {"fingerprint": fingerprint},
@@ -579,7 +601,7 @@ def _svd_chunk(n_rows: int, shape) -> int:
 
 def learn_family(images, *, n_components: int | None = None, n_modes: int | None = None,
                  psf_radius: int | None = None, pixel_size_: str | None = None,
-                 background: str | None = None, realism: bool = True,
+                 background: str | None = None, realism: bool | str = "nonnegative",
                  scratch: str | None = None, chunk: int | None = None,
                  checkpoint: str | os.PathLike | None = None, overwrite_checkpoint: bool = False,
                  skip_bad: bool = False, svd: str = "auto", power_iterations: int = 2,
@@ -603,8 +625,18 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         e.g. ``"65nm"`` when the files lack it.
     background : str, optional
         Background estimator of :func:`pcmx.learn.bead_patches`.
-    realism : bool
-        Project the maps onto the cone of all observed coefficients (App. C-b).
+    realism : {"nonnegative", "cone", False}, default "nonnegative"
+        The realism projection of each image's maps (App. C-b), applied at the lattice nodes
+        of the maps before bilinear upsampling. ``"nonnegative"``: each coefficient vector
+        moved to the nearest one whose PSF is >= -1% of its peak
+        (:func:`pcmx.cone.project_nonnegative`). ``"cone"`` (or True): the paper's
+        projection onto the conical hull of all observed coefficients, reduced greedily to
+        within 1 degree (:func:`pcmx.cone.reduce_cone`, as many generators as that takes).
+        Both keep every predicted PSF non-negative within ~1% of its peak; against the
+        simulator's truth the cone costs +11% of PSF error on dim beads with the 12
+        components a family needs (its hull of a few hundred noisy 12-vectors is thin),
+        the non-negativity projection nothing measurable (``docs/family.md``).
+        False: no projection.
     scratch : str, optional
         Parent directory of the temporary scratch (the system's temporary directory by
         default); unused with ``checkpoint``.
@@ -659,6 +691,7 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
     from .psf_basis import fit_psf_basis
 
     t_all = time.perf_counter()
+    realism = _realism_mode(realism)
     if svd not in ("auto", "gram", "randomized"):
         raise InputError(f"svd={svd!r}: expected 'auto', 'gram' or 'randomized'")
     if svd == "randomized" and n_modes is None:
@@ -710,7 +743,7 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
 
     # 2. checkpoint directory and its manifest
     arguments = {"n_components": n_components, "psf_radius": psf_radius, "pixel_size": pixel_size_,
-                 "background": background, "realism": bool(realism), "min_beads": MIN_BEADS,
+                 "background": background, "realism": realism, "min_beads": MIN_BEADS,
                  "checkpoint_version": _CHECKPOINT_VERSION}
     own = checkpoint is None
     if own:
@@ -820,7 +853,13 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
             h = np.asarray(basis["psf_basis"].values, dtype=np.float32)
             beta = np.asarray(basis["beta"].values, dtype=np.float64)
             psv = np.asarray(basis["singular_values"].values)
-            generators = reduce_cone(beta, psf_basis=h) if realism else np.zeros((0, h.shape[0]))
+            if realism == "cone":
+                # no cap on the generators: the pooled vectors of K states need more than
+                # one image's (10 states of 22 dim beads: ~100 to reach 1 degree; a cap of 32
+                # left a cone 2-3.5 degrees too small, +30-50% of PSF error)
+                generators = reduce_cone(beta, psf_basis=h, max_generators=len(beta), floor=REALISM_FLOOR)
+            else:
+                generators = np.zeros((0, h.shape[0]))
             _atomic_dir(bpath, lambda tmp: _write_group(
                 tmp, {"psf_basis": h, "beta": beta, "positions": positions[kept],
                       "owner": owner[kept], "singular_values": psv,
@@ -835,7 +874,7 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
         positions = g["positions"][...]
         owner = g["owner"][...]
         psv = g["singular_values"][...]
-        generators = g["generators"][...] if realism else None
+        generators = g["generators"][...] if realism == "cone" else None
         n_patches = int(g.attrs["n_patches"])
         bar.update(1)
     n_i = h.shape[0]
@@ -852,8 +891,9 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
     n_rows = len(good) * n_i
     c = int(chunk) if chunk else _svd_chunk(n_rows, shape)
     maps_fp = hashlib.sha256(f"{basis_fp}:{c}".encode()).hexdigest()
-    args = [(k, ckpt, maps_fp, positions[owner == k], beta[owner == k], shape, generators, c)
-            for k in good]
+    project = h if realism == "nonnegative" else None
+    args = [(k, ckpt, maps_fp, positions[owner == k], beta[owner == k], shape, generators, c,
+             project) for k in good]
     ms = _run_tasks(_maps_task, args, desc="maps", progress=progress, client=client, workers=workers)
     resumed["maps"] = sum(bool(s.get("resumed")) for s in ms)
     t["coefficients"] = time.perf_counter() - t0

@@ -11,6 +11,7 @@ from pcmx.cone import (
     cone_membership_distance,
     nonnegative_generators,
     project_grid,
+    project_nonnegative,
     project_maps,
     project_onto_cone,
     reduce_cone,
@@ -292,3 +293,25 @@ def test_bad_input_is_named():
         project_maps(np.ones((3, 4)), gen)
     with pytest.raises(InputError, match="step: must be a positive"):
         project_maps(np.ones((3, 4, 4)), gen, step=0)
+
+
+def test_project_nonnegative_moves_only_violators_to_the_bound():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[-7:8, -7:8]
+    gauss = np.exp(-(yy**2 + xx**2) / 8.0)
+    ring = np.cos(np.hypot(yy, xx)) * gauss  # a basis PSF with a negative ring
+    h = np.stack([gauss / np.linalg.norm(gauss), ring / np.linalg.norm(ring)])
+    v = np.column_stack([np.ones(500), rng.uniform(-2.0, 2.0, 500)])
+    psf = v @ h.reshape(2, -1)
+    ok = psf.min(axis=1) >= -0.01 * psf.max(axis=1)
+    assert 0 < ok.sum() < len(v)
+    out = project_nonnegative(v, h, floor=0.01, block=64)
+    np.testing.assert_array_equal(out[ok], v[ok])  # feasible rows untouched, bit for bit
+    np.testing.assert_allclose(out[~ok], nonnegative_generators(v[~ok], h, floor=0.01))
+    moved = out[~ok] @ h.reshape(2, -1)
+    bound = -0.01 * psf[~ok].max(axis=1)
+    assert np.all(moved.min(axis=1) >= bound - 1e-9)
+    # the least-distance move: no feasible point on the segment towards v is closer
+    assert np.all(np.linalg.norm(out[~ok] - v[~ok], axis=1) > 0)
+    with pytest.raises(InputError, match=r"psf_basis: expected shape \(2, \.\.\.\) to match the vectors"):
+        project_nonnegative(v, h[:1])

@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--svd", choices=("auto", "gram", "randomized"), default="auto",
                         help="SVD of the K*I maps: exact through the Gram matrix, randomized "
                              "(dask svd_compressed, needs --modes), or auto by size (default)")
+    parser.add_argument("--realism", choices=("nonnegative", "cone", "none"), default="nonnegative",
+                        help="realism projection of the maps: PSFs >= -1%% of their peak "
+                             "(default), the paper's cone of observed coefficients, or none")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing store, and discard a checkpoint made with other "
@@ -109,7 +112,7 @@ def run(args) -> int:
                 ds = learn_family(images, n_components=args.components, n_modes=args.modes,
                                   psf_radius=args.psf_radius, pixel_size_=args.pixel_size,
                                   checkpoint=checkpoint, overwrite_checkpoint=args.overwrite,
-                                  skip_bad=args.skip_bad, svd=args.svd,
+                                  skip_bad=args.skip_bad, svd=args.svd, realism=args.realism,
                                   progress=not args.no_progress, client=client)
             except InputError as exc:
                 done = os.path.join(checkpoint, "beads")
