@@ -30,7 +30,7 @@ __all__ = ["cross_validate", "cross_validate_family"]
 def _normalised(patches: np.ndarray) -> np.ndarray:
     s = patches.reshape(len(patches), -1).sum(axis=1)
     s = np.where(np.abs(s) > 0, s, 1.0)
-    return patches / s[:, None, None]
+    return patches / s.reshape((-1,) + (1,) * (patches.ndim - 1))
 
 
 def _folds(m: int, folds: int, seed: int) -> np.ndarray:
@@ -40,7 +40,7 @@ def _folds(m: int, folds: int, seed: int) -> np.ndarray:
 
 
 def _targets(bp) -> np.ndarray:
-    """Sum-one patches on the model's support (the bump of App. A-d), float64 (M, ky, kx)."""
+    """Sum-one patches on the model's support (the bump of App. A-d), float64 (M, [kz,] ky, kx)."""
     from .beads import bump_multiplier
 
     raw = np.asarray(bp.patches.values, dtype=np.float64)
@@ -72,7 +72,7 @@ def _single_fold(bp, target, train, test, *, n_components, realism, eta):
     if realism:
         gens = reduce_cone(beta, psf_basis=h.astype(np.float32))
         pred_beta = project_onto_cone(pred_beta, gens)
-    pred = _normalised(np.einsum("mi,ijk->mjk", pred_beta, h))
+    pred = _normalised(np.tensordot(pred_beta, h, axes=1))  # (m, [kz,] ky, kx)
     truth = target[test]
     mean_psf = target[train][kept].mean(axis=0)
     return _relative_errors(pred, truth), _relative_errors(np.broadcast_to(mean_psf, truth.shape), truth)
@@ -86,18 +86,27 @@ def cross_validate(image, *, folds: int = 5, n_components: int | None = None,
 
     Parameters
     ----------
-    image : path, array or DataArray (y, x)
+    image : path, array or DataArray (y, x), or a z-stack (z, y, x) of beads in a gel
     folds : int
         k; beads are split at random (``seed``) into k folds.
     n_components, psf_radius, background, realism, eta :
-        As in :func:`pcmx.learn.learn_operator` (fixed across folds).
+        As in :func:`pcmx.learn.learn_operator` (fixed across folds); for a z-stack
+        ``psf_radius`` may be ``(r_z, r_y, r_x)`` (see :func:`pcmx.learn.bead_patches`).
 
     Returns
     -------
     Dataset
         ``cv_error (bead)`` relative l2 error of the space-varying prediction of each held-out
         (normalised) bead patch, ``cv_error_invariant (bead)`` the same for the average PSF,
-        ``cv_bead_y``, ``cv_bead_x``; attrs with the medians and their ratio.
+        ``cv_bead_y``, ``cv_bead_x`` (and ``cv_bead_z`` for a z-stack); attrs with the medians
+        and their ratio.
+
+    Notes
+    -----
+    2D images and z-stacks take the same steps, in three dimensions for stacks: 3D patches
+    ``(bead, kz, ky, kx)``, the PCA basis, the cone and the 3D thin-plate spline of the
+    coefficients fitted on the training beads' ``(z, y, x)`` positions, evaluated at the
+    held-out positions (the values the coefficient maps interpolate there; no map is built).
 
     Raises
     ------
@@ -123,8 +132,8 @@ def cross_validate(image, *, folds: int = 5, n_components: int | None = None,
     ds = xr.Dataset(
         {"cv_error": ("bead", err.astype(np.float32)),
          "cv_error_invariant": ("bead", err_inv.astype(np.float32)),
-         "cv_bead_y": ("bead", bp.positions[:, 0]),
-         "cv_bead_x": ("bead", bp.positions[:, 1])},
+         **{f"cv_bead_{d}": ("bead", bp.positions[:, k])
+            for k, d in enumerate(("z", "y", "x")[-bp.positions.shape[1]:])}},
         attrs={"folds": int(folds), "median_error": med, "median_error_invariant": med_inv,
                "improvement": med_inv / med if med > 0 else float("inf"), "n_beads": int(m)},
     )
@@ -166,7 +175,7 @@ def _gram(maps: list[np.ndarray], block: int = 1 << 16) -> np.ndarray:
 
 
 def _sample(maps: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Bilinear values of maps ``(n, ny, nx)`` at sub-pixel points ``(m, 2)``: ``(n, m)``."""
+    """Bi/trilinear values of maps ``(n, [nz,] ny, nx)`` at sub-pixel points ``(m, 2 or 3)``: ``(n, m)``."""
     from scipy.ndimage import map_coordinates
 
     return np.stack([map_coordinates(mp, points.T, order=1, mode="nearest") for mp in maps])

@@ -289,7 +289,7 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
         Greedy cone reduction threshold.
     validate : bool
         Also run :func:`pcmx.cross_validation.cross_validate` and store its per-bead errors
-        (2D images).
+        (2D images and z-stacks).
 
     Returns
     -------
@@ -307,8 +307,6 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
             raise InputError(f"z_step={z_step!r}: {source} is a 2D image, not a z-stack")
         dz = parse_length(z_step, name="z_step")
         img = img.assign_coords(spatial_coords(img.shape[:1], dz, dims=("z",)))
-    if validate and img.ndim == 3:
-        raise InputError(f"validate=True: cross-validation takes 2D images; {source} is a z-stack")
     bp = bead_patches(img, psf_radius=psf_radius, threshold=threshold, background=background)
     try:
         ds = learn_from_patches(bp, n_components=n_components, eta=eta, realism=realism,
