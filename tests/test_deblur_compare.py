@@ -1,33 +1,45 @@
-"""The paper's Fig. 10 experiment made quantitative: Sparse+Smooth deblurring against the three
-baselines and against itself with PSFs 2x too small or too large, scored by source detection
-(F1 within 1.5 px, localisation RMSE) against the simulator's truth."""
+"""The paper's Fig. 10 experiment made quantitative, blind: Sparse+Smooth deblurring (BSS) with
+the operator *identified* in a learned family from the scene's own point sources, against the
+three baselines (given the true operator) and against itself with PSFs 2x too small or too
+large, scored by source detection (F1 within 1.5 px, localisation RMSE) against the
+simulator's truth. BSS with the true operator is kept as a reference row."""
 
 import numpy as np
 import pytest
 
 import pcmx
-from pcmx.deblur import sparse_smooth
+from pcmx.deblur import dirac_comb_distance, identify_operator, sparse_smooth
 from pcmx.deblur.baselines import fista_haar, richardson_lucy_tv, scale_operator, tikhonov
 from pcmx.deblur.metrics import score_restoration
-from pcmx.simulate import simulate_point_sources, true_operator
+from pcmx.family import learn_family
+from pcmx.model import family_operator
+from pcmx.simulate import simulate_beads, simulate_point_sources, true_operator
 
 # each baseline's weight from a small grid around its usual value, the best F1 kept (the
-# comparison is tuned in the baselines' favour; BSS runs with its defaults from the noise)
+# comparison is tuned in the baselines' favour, and they get the TRUE operator; BSS runs with
+# its defaults from the noise and the identified operator)
 GRIDS = {
     "tikhonov": (tikhonov, {}, [1e-3, 1e-2, 1e-1]),
     "richardson_lucy_tv": (richardson_lucy_tv, {"n_iter": 100}, [5e-4, 2e-3, 1e-2]),
     "fista_haar": (fista_haar, {"n_iter": 100}, [1.0, 4.0, 16.0]),
 }
+SEED = 10  # the scene's seed: its microscope (field model) is the seed's "field" stream
+# the family's training acquisitions of the same microscope: defocus (um) and aberration drift
+# around the scene's state (defocus 0, aberration scale 1), which is held out (the design of
+# tests/test_deblur.py with the scene's state removed from the training set)
+TRAIN = [{"defocus": d, "aberration_scale": s}
+         for d, s in [(-0.3, 0.9), (-0.15, 1.1), (0.15, 0.9), (0.3, 1.1)]]
 
 
 @pytest.fixture(scope="module")
 def scene():
     """256 x 256, 60 sources on 20 filaments, 16 with a neighbour closer than the FWHM
     (3.5 px), smooth background (30 photons, +-50%), Poisson noise, the exact space-varying
-    pupil model of the simulator. Seed 10: its closest sources are 1.56 px apart, so every
-    source can be told apart within the 1.5 px tolerance."""
+    pupil model of the simulator (each source its own PSF at its sub-pixel position). Seed 10:
+    its closest sources are 1.56 px apart, so every source can be told apart within the 1.5 px
+    tolerance."""
     sc = simulate_point_sources((256, 256), n_sources=60, n_filaments=20, pairs_closer_than_psf=6,
-                                seed=10)
+                                seed=SEED)
     ty, tx = sc["source_y"].values, sc["source_x"].values
     d = np.hypot(ty[:, None] - ty[None], tx[:, None] - tx[None]) + np.eye(len(ty)) * 1e9
     assert d.min() > 1.5 and (d.min(axis=1) < sc.attrs["pair_fwhm_px"]).sum() >= 12
@@ -36,10 +48,43 @@ def scene():
 
 
 @pytest.fixture(scope="module")
-def bss(scene):
+def family(scene):
+    """A family learned from bead images of the scene's microscope under four other states."""
+    sim = simulate_beads((256, 256), 45, states=TRAIN, photons=40000.0, min_separation=24, seed=SEED)
+    sc = scene["sc"]
+    # same microscope, and the scene's state is not one of the training states
+    assert sim.attrs["field_model"] == sc.attrs["field_model"]
+    assert sim.attrs["optics"] == sc.attrs["optics"]
+    assert sc.attrs["states"][0] not in sim.attrs["states"]
+    return learn_family(sim["image"], n_components=4)
+
+
+@pytest.fixture(scope="module")
+def identified(scene, family):
+    """The scene's operator identified in the family from the scene's own isolated sources."""
+    ident = identify_operator(scene["sc"]["image"], family)
+    k = family.sizes["ky"]
+    truth = true_operator(scene["sc"], n_components=8, kernel_size=k)
+    dist = dirac_comb_distance(ident, truth, 16)
+    nearest = min(dirac_comb_distance(family_operator(family, state=s), truth, 16)
+                  for s in range(family.sizes["state"]))
+    print(f"\nidentified from {len(ident.positions)} sources (family: {family.sizes['mode']} modes, "
+          f"{family.sizes['state']} states), residual {ident.residual:.3f}, weights "
+          f"{np.round(ident.weights.values, 3).tolist()}; distance to the truth {dist:.3f} "
+          f"(nearest training state {nearest:.3f})")
+    assert len(ident.positions) >= family.sizes["mode"]
+    return ident
+
+
+@pytest.fixture(scope="module")
+def bss(scene, identified):
+    """BSS (default weights) with the identified operator, with it dilated x0.5 and x2
+    (``scale_operator`` of the identified operator), and with the true operator (reference)."""
     out = {}
-    for name, factor in (("bss", 1.0), ("bss_psf_x0.5", 0.5), ("bss_psf_x2", 2.0)):
-        H = scene["H"] if factor == 1 else pcmx.ProductConvolution(scale_operator(scene["op"], factor))
+    runs = {"bss_blind": identified.operator, "bss_psf_x0.5": scale_operator(identified.operator, 0.5),
+            "bss_psf_x2": scale_operator(identified.operator, 2.0), "bss_true_op": scene["H"]}
+    for name, op in runs.items():
+        H = op if isinstance(op, pcmx.ProductConvolution) else pcmx.ProductConvolution(op)
         res = sparse_smooth(scene["sc"]["image"], H)
         out[name] = score_restoration(res["sparse"], scene["ty"], scene["tx"])
     return out
@@ -60,25 +105,56 @@ def _show(name, m):
           f"  threshold {m['relative']}" + (f"  lam {m['lam']}" if "lam" in m else ""))
 
 
-def test_bss_finds_the_sources(bss):
-    m = bss["bss"]
-    _show("bss", m)
+def test_table(bss, baselines):
+    print()
+    for name, m in {**bss, **baselines}.items():
+        _show(name, m)
+
+
+def test_blind_bss_finds_the_sources(bss):
+    m = bss["bss_blind"]
+    _show("bss_blind", m)
+    assert m["f1"] >= 0.9
+    assert m["rmse"] < 0.4
+
+
+def test_bss_with_the_true_operator_finds_the_sources(bss):
+    m = bss["bss_true_op"]
+    _show("bss_true_op", m)
     assert m["f1"] >= 0.9
     assert m["rmse"] < 0.35
 
 
-@pytest.mark.parametrize("name", list(GRIDS))
-def test_bss_beats_each_baseline(bss, baselines, name):
-    m, b = bss["bss"], baselines[name]
-    _show("bss", m)
+@pytest.mark.parametrize("name", [
+    "tikhonov",
+    pytest.param("richardson_lucy_tv", marks=pytest.mark.xfail(
+        strict=True, reason="measured: blind BSS and RL-TV (true operator, best of its grid) both "
+                            "find 54/60 sources, F1 0.947 each (a tie, not a win); RMSE 0.340 vs "
+                            "0.289 px")),
+    "fista_haar",
+])
+def test_blind_bss_beats_each_baseline(bss, baselines, name):
+    m, b = bss["bss_blind"], baselines[name]
+    _show("bss_blind", m)
     _show(name, b)
+    assert m["f1"] > b["f1"]
+
+
+@pytest.mark.parametrize("name", list(GRIDS))
+def test_blind_bss_is_not_worse_than_any_baseline(bss, baselines, name):
+    assert bss["bss_blind"]["f1"] >= baselines[name]["f1"]
+
+
+@pytest.mark.parametrize("name", list(GRIDS))
+def test_bss_with_the_true_operator_beats_each_baseline(bss, baselines, name):
+    m, b = bss["bss_true_op"], baselines[name]
     assert m["f1"] > b["f1"]
     assert m["rmse"] < b["rmse"]
 
 
 @pytest.mark.parametrize("name", ["bss_psf_x0.5", "bss_psf_x2"])
-def test_bss_beats_itself_with_a_wrong_psf(bss, name):
-    m, w = bss["bss"], bss[name]
+def test_blind_bss_beats_itself_with_a_wrong_psf(bss, name):
+    m, w = bss["bss_blind"], bss[name]
     _show(name, w)
     assert m["f1"] > w["f1"] + 0.05
     assert m["rmse"] < 0.7 * w["rmse"]
