@@ -410,11 +410,16 @@ def noise_threshold(raw, bump, components, *, draws: int = 3, seed: int = 0) -> 
     norm = np.linalg.norm(sum_one, axis=1)
     unit = sum_one / norm[:, None]
     scale = (flux * norm)[:, None]
-    safe_bump = np.where(bump > 0, bump, 1.0)[None, :]
+    # Unbump only where the bump is not vanishing: near r_ext it can be ~1e-200 at a pixel,
+    # and dividing by it overflowed (r = 17 on 130 dim patches: NaN threshold, crash). There
+    # the unbumped signal cannot be recovered, and the entries' noise is ~0 after bumping.
+    ok = bump > _UNBUMP_MIN
+    safe_bump = np.where(ok, bump, 1.0)[None, :]
     fit = (unit @ components.T) @ components * scale / safe_bump  # camera units, unbumped
+    fit[:, ~ok] = 0.0
     signal = np.clip(fit, 0, None)
-    resid2 = (raw - fit) ** 2 * (m * p / max((m - k) * (p - k), 1))
-    design = np.stack([np.ones(resid2.size), signal.ravel()], axis=1)
+    resid2 = (raw[:, ok] - fit[:, ok]) ** 2 * (m * p / max((m - k) * (p - k), 1))
+    design = np.stack([np.ones(resid2.size), signal[:, ok].ravel()], axis=1)
     (a, b), *_ = np.linalg.lstsq(design, resid2.ravel(), rcond=None)
     tiny = 1e-12 * float(np.mean(raw**2)) + 1e-300
     sd = np.sqrt(max(a, tiny) + max(b, 0.0) * signal) * (bump[None, :] / scale)
@@ -422,6 +427,10 @@ def noise_threshold(raw, bump, components, *, draws: int = 3, seed: int = 0) -> 
     edge = max(_largest_singular_value(sd * rng.standard_normal(sd.shape)) for _ in range(draws))
     beta = min(m, p) / max(m, p)
     return edge * _gd_known_noise(beta) / (1 + np.sqrt(beta))
+
+
+#: Bump values below this are not divided by in :func:`noise_threshold`.
+_UNBUMP_MIN = 1e-3
 
 
 def fit_psf_basis(patches, n_components: int | None = None, *, outlier_sigma: float = 3.0,

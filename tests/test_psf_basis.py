@@ -198,3 +198,26 @@ def test_bad_arguments():
         fit_psf_basis(np.ones((2, 5, 5)), rank_rule="gd")
     with pytest.raises(InputError, match=r"^beta=1.5: the aspect ratio must be in \(0, 1\]$"):
         hard_threshold(1.5)
+
+
+def test_noise_threshold_with_a_vanishing_bump_stays_finite():
+    """A bump of ~1e-200 at the support's edge (r = 17 px on a 37 x 37 grid, 130 dim patches)
+    made the unbumped fit overflow: a NaN threshold and a crash of the rank rule."""
+    from pcmx.psf_basis import noise_threshold
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[-8:9, -8:9]
+    psf = np.exp(-(yy**2 + xx**2) / 6.0).ravel()
+    raw = rng.poisson(400 * psf[None, :] + 5.0, size=(60, psf.size)).astype(np.float64) - 5.0
+    bump = np.ones(psf.size)
+    bump[:3] = 1e-200  # pixels just inside r_ext
+    x = raw * bump
+    unit = x / x.sum(axis=1, keepdims=True)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    comps = np.linalg.svd(unit, full_matrices=False)[2][:2]
+    with np.errstate(over="raise", invalid="raise"):
+        thr = noise_threshold(raw, bump, comps)
+    bump_ok = bump.copy()
+    bump_ok[:3] = 0.0  # the same pixels excluded outright
+    assert np.isfinite(thr) and thr > 0
+    np.testing.assert_allclose(thr, noise_threshold(raw, bump_ok, comps), rtol=1e-6)
