@@ -1,6 +1,7 @@
 """The paper's Fig. 10 experiment made quantitative, blind: Sparse+Smooth deblurring (BSS) with
 the operator *identified* in a learned family from the scene's own point sources, against the
-three baselines (given the true operator) and against itself with PSFs 2x too small or too
+three baselines (given the same identified operator, and, as a harder reference, the true
+operator) and against itself with PSFs 2x too small or too
 large, scored by source detection (F1 within 1.5 px, localisation RMSE) against the
 simulator's truth. BSS with the true operator is kept as a reference row."""
 
@@ -90,14 +91,25 @@ def bss(scene, identified):
     return out
 
 
-@pytest.fixture(scope="module")
-def baselines(scene):
+def _best_of_grid(scene, H):
     out = {}
     for name, (fn, kw, lams) in GRIDS.items():
-        scores = [score_restoration(fn(scene["sc"]["image"], scene["H"], lam=lam, **kw),
+        scores = [score_restoration(fn(scene["sc"]["image"], H, lam=lam, **kw),
                                     scene["ty"], scene["tx"]) | {"lam": lam} for lam in lams]
         out[name] = max(scores, key=lambda m: (m["f1"], -m["rmse"]))
     return out
+
+
+@pytest.fixture(scope="module")
+def baselines(scene):
+    """The baselines with the TRUE operator (more than blind BSS knows)."""
+    return _best_of_grid(scene, scene["H"])
+
+
+@pytest.fixture(scope="module")
+def baselines_blind(scene, identified):
+    """The baselines with the same identified operator as blind BSS (same knowledge)."""
+    return _best_of_grid(scene, pcmx.ProductConvolution(identified.operator))
 
 
 def _show(name, m):
@@ -105,9 +117,10 @@ def _show(name, m):
           f"  threshold {m['relative']}" + (f"  lam {m['lam']}" if "lam" in m else ""))
 
 
-def test_table(bss, baselines):
+def test_table(bss, baselines, baselines_blind):
     print()
-    for name, m in {**bss, **baselines}.items():
+    for name, m in {**bss, **{f"{k} (true op)": v for k, v in baselines.items()},
+                    **{f"{k} (identified)": v for k, v in baselines_blind.items()}}.items():
         _show(name, m)
 
 
@@ -125,16 +138,12 @@ def test_bss_with_the_true_operator_finds_the_sources(bss):
     assert m["rmse"] < 0.35
 
 
-@pytest.mark.parametrize("name", [
-    "tikhonov",
-    pytest.param("richardson_lucy_tv", marks=pytest.mark.xfail(
-        strict=True, reason="measured: blind BSS and RL-TV (true operator, best of its grid) both "
-                            "find 54/60 sources, F1 0.947 each (a tie, not a win); RMSE 0.340 vs "
-                            "0.289 px")),
-    "fista_haar",
-])
-def test_blind_bss_beats_each_baseline(bss, baselines, name):
-    m, b = bss["bss_blind"], baselines[name]
+@pytest.mark.parametrize("name", list(GRIDS))
+def test_blind_bss_beats_each_baseline_with_the_same_operator(bss, baselines_blind, name):
+    """Same knowledge: every method deblurs with the operator identified in the family.
+    Measured: BSS 0.947 vs Tikhonov 0.922, RL-TV 0.938 (one source more), FISTA-Haar 0.806;
+    RL-TV localises better (0.299 vs 0.340 px), so only F1 is asserted."""
+    m, b = bss["bss_blind"], baselines_blind[name]
     _show("bss_blind", m)
     _show(name, b)
     assert m["f1"] > b["f1"]
@@ -142,6 +151,8 @@ def test_blind_bss_beats_each_baseline(bss, baselines, name):
 
 @pytest.mark.parametrize("name", list(GRIDS))
 def test_blind_bss_is_not_worse_than_any_baseline(bss, baselines, name):
+    """Even against the baselines given the TRUE operator, blind BSS is not behind on F1
+    (RL-TV ties it: 54/60 sources each)."""
     assert bss["bss_blind"]["f1"] >= baselines[name]["f1"]
 
 
