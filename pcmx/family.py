@@ -102,6 +102,8 @@ _BLOCK_BYTES = 128 * 2**20
 _CHECKPOINT_VERSION = 2
 
 
+#: Images whose bead profiles are pooled to estimate r (evenly spaced over the inputs).
+RADIUS_IMAGES = 8
 #: Realism: predicted PSFs kept >= -REALISM_FLOOR * their peak (both projections).
 REALISM_FLOOR = 0.01
 _REALISM = {"nonnegative": "nonnegative", "cone": "cone", True: "cone", False: False, None: False,
@@ -358,6 +360,24 @@ def _bead_task(item, k: int, label: str, ckpt: str, fingerprint: str, r, backgro
         {"fingerprint": fingerprint, "name": label, "radius": int(bp.radius),
          "counts": bp.counts, "timings_s": bp.timings, "patches_meta": meta}))
     return {"k": k, "radius": int(bp.radius), "n": len(bp.positions), "resumed": False}
+
+
+def _radius_task(item, pixel_size_):
+    """Bead profiles of one image for :func:`pcmx.beads.pooled_psf_radius` (None: no beads)."""
+    from .beads import detect_beads, estimate_psf_radius
+
+    try:
+        img = _task_image(item, pixel_size_)
+        work = np.asarray(img.values, dtype=np.float32)
+        positions, _ = detect_beads(work)
+        if len(positions) == 0:
+            return None
+        _, info = estimate_psf_radius(work, positions, return_info=True)
+    except InputError:
+        return None  # reported by the bead step, which sees the same image
+    if info.get("fallback"):
+        return None
+    return {key: info[key] for key in ("profile", "noise", "n_beads", "radii", "max_radius")}
 
 
 def _maps_task(k: int, ckpt: str, fingerprint: str, positions, beta, shape, generators,
@@ -619,8 +639,10 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         J; the 2.858 * median rule on the maps' singular values when None (at most K*I; needs
         the Gram route).
     psf_radius : int, optional
-        r, shared by all images (patches must have one size); estimated on the first usable
-        image.
+        r, shared by all images (patches must have one size); estimated when None from the
+        pooled bead profiles of up to ``RADIUS_IMAGES`` images spread over the inputs
+        (:func:`pcmx.beads.pooled_psf_radius`: the PCA over many patches sees wings that each
+        dim bead's profile hides; reported in ``pcmx_parameters["psf_radius_estimate"]``).
     pixel_size_ : str, optional
         e.g. ``"65nm"`` when the files lack it.
     background : str, optional
@@ -804,10 +826,25 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
 
     shape = ref_shape
     n_images = len(images)
-    # 3. bead patches: the first usable image fixes r (when not given), the others in parallel
+    # 3. bead patches: r (when not given) from the pooled bead profiles of up to
+    # RADIUS_IMAGES images, then every image in parallel
     t0 = time.perf_counter()
     summaries = {}
     r = psf_radius
+    radius_info = None
+    if r is None:
+        pick = [probed[i] for i in np.unique(np.linspace(0, len(probed) - 1,
+                                                         min(RADIUS_IMAGES, len(probed))).astype(int))]
+        infos = _run_tasks(_radius_task, [(images[k], pixel_size_) for k in pick],
+                           desc="PSF radius", progress=progress, client=client, workers=workers)
+        infos = [i for i in infos if i is not None]
+        if infos:
+            from .beads import pooled_psf_radius
+
+            r = pooled_psf_radius(infos)
+            radius_info = {"pooled_from_images": len(infos),
+                           "pooled_beads": int(sum(i["n_beads"] for i in infos)),
+                           "per_image": [int(np.round(np.median(i["radii"]))) for i in infos]}
     todo = list(probed)
     with _bar(progress and r is None, 1, "beads (radius)", "image") as bar:
         while r is None and todo:
@@ -937,6 +974,7 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
                 **kernel_coords(h.shape[1:], None if px is None else (py, px))},
     )
     params = {"n_components": int(n_i), "n_modes": int(j), "psf_radius": int(r),
+              "psf_radius_estimate": radius_info,
               "realism": realism, "background": background or "default", "svd": route,
               "svd_chunk": c, "n_patches": n_patches, "n_images": n_images,
               "skipped": skipped, "resumed": resumed,

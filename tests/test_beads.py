@@ -277,3 +277,20 @@ def test_classify_reasons_and_priority():
 def test_argument_errors(call, message):
     with pytest.raises(InputError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
         call()
+
+
+def test_pooled_psf_radius_sees_wings_that_each_bead_hides():
+    """Profiles ~ exp(-rho/3) of 100 beads with noise 1: each crosses the noise near 3 ln(A);
+    their mean, with noise 1/10, at 3 ln(A / 3 * 10) (significance 3)."""
+    from pcmx.beads import pooled_psf_radius
+
+    rho = np.arange(41, dtype=np.float64)
+    amp = 200.0
+    infos = [{"profile": (amp * np.exp(-rho / 3.0)).tolist(), "noise": 1.0, "n_beads": 10,
+              "radii": [16.0] * 10, "max_radius": 40} for _ in range(10)]
+    r = pooled_psf_radius(infos)
+    expected = int(np.ceil(3.0 * np.log(amp / (3.0 / 10.0))))
+    assert r == expected and r > 16  # 20 > each bead's 16
+    assert pooled_psf_radius(infos[:1]) < r  # fewer beads: noisier mean, smaller r
+    with pytest.raises(InputError, match="^no bead profile to estimate the PSF radius from$"):
+        pooled_psf_radius([])

@@ -13,7 +13,7 @@ import pytest
 import pcmx
 from pcmx.cross_validation import cross_validate, cross_validate_family
 
-HALF_WIDTH = 2  # planes focus-2 .. focus+2: farther, r grows past 15 px and few beads stay isolated
+HALF_WIDTH = 2  # planes focus-2 .. focus+2: farther, r grows past 20 px and few beads stay isolated
 
 
 def _planes(realdata):
@@ -44,7 +44,9 @@ def test_family_cross_validation_on_real_defocus_series(realdata):
     print(f"all held-out beads: family {cv.attrs['median_error_family']:.3f}, single "
           f"{cv.attrs['median_error_single']:.3f}, average PSF {cv.attrs['median_error_invariant']:.3f}")
     assert cv.sizes["state"] == 2 * HALF_WIDTH + 1
-    assert int(cv["n_beads"].min()) >= 20
+    # r = 19 px from the pooled profiles (one plane's estimate: 15): 16-18 isolated beads per
+    # plane stay (25-27 with r = 15)
+    assert int(cv["n_beads"].min()) >= 15
     assert np.isfinite(cv["cv_error_family"].values).all()
     # the family must beat the space-invariant average PSF, overall and on the focal planes
     assert cv.attrs["median_error_family"] < 0.9 * cv.attrs["median_error_invariant"]
