@@ -99,7 +99,7 @@ GRAM_MAX_ROWS = 500
 MIN_BEADS = 4
 #: Memory budget (bytes, float32) of one spatial block of all K*I maps in the SVD.
 _BLOCK_BYTES = 128 * 2**20
-_CHECKPOINT_VERSION = 2
+_CHECKPOINT_VERSION = 3  # 3: realism by non-negativity, spline outlier rejection, pooled r
 
 
 #: Images whose bead profiles are pooled to estimate r (evenly spaced over the inputs).
@@ -390,18 +390,22 @@ def _maps_task(k: int, ckpt: str, fingerprint: str, positions, beta, shape, gene
     from .cone import project_nonnegative
 
     path = _entry(ckpt, "maps", k)
-    if _open_entry(path, fingerprint) is not None:
-        return {"k": k, "resumed": True}
+    g = _open_entry(path, fingerprint)
+    if g is not None:
+        return {"k": k, "resumed": True, "rejected": int(g.attrs.get("rejected", 0))}
     project = None
     if nonnegative_basis is not None:
         def project(rows):
             return project_nonnegative(rows, nonnegative_basis, floor=REALISM_FLOOR)
-    maps = coefficient_maps(positions, beta, tuple(shape), generators=generators, project=project)
+    maps, _, info = coefficient_maps(positions, beta, tuple(shape), generators=generators,
+                                     project=project, return_spline=True)
     n_i = maps.shape[0]
+    rejected = int(len(info["rejected"]))
     _atomic_dir(path, lambda tmp: _write_group(
-        tmp, {"maps": maps.astype(np.float32, copy=False)}, {"fingerprint": fingerprint},
+        tmp, {"maps": maps.astype(np.float32, copy=False)},
+        {"fingerprint": fingerprint, "rejected": rejected, "lattice_step": int(info["step"])},
         chunks={"maps": (n_i, min(chunk, shape[0]), min(chunk, shape[1]))}))
-    return {"k": k, "resumed": False}
+    return {"k": k, "resumed": False, "rejected": rejected}
 
 
 # --------------------------------------------------------------------------- execution
@@ -933,6 +937,8 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
              project) for k in good]
     ms = _run_tasks(_maps_task, args, desc="maps", progress=progress, client=client, workers=workers)
     resumed["maps"] = sum(bool(s.get("resumed")) for s in ms)
+    # beads left out of each image's spline as gross outliers (coefficient_maps' outlier_z)
+    map_outliers = {labels[s["k"]]: s["rejected"] for s in ms if s.get("rejected")}
     t["coefficients"] = time.perf_counter() - t0
 
     # 6. SVD of the K*I maps, streamed block by block
@@ -974,7 +980,7 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
                 **kernel_coords(h.shape[1:], None if px is None else (py, px))},
     )
     params = {"n_components": int(n_i), "n_modes": int(j), "psf_radius": int(r),
-              "psf_radius_estimate": radius_info,
+              "psf_radius_estimate": radius_info, "map_outliers": map_outliers,
               "realism": realism, "background": background or "default", "svd": route,
               "svd_chunk": c, "n_patches": n_patches, "n_images": n_images,
               "skipped": skipped, "resumed": resumed,

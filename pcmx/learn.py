@@ -248,7 +248,9 @@ def learn_from_patches(bp: BeadPatches, *, n_components: int | None = None, eta:
         "psf_radius": radius, "eta": eta_used.tolist(), "eta_requested": eta,
         "realism": realism, "angle_threshold_deg": angle_threshold_deg,
         "outlier_test": outlier_test,
-        "counts": {**bp.counts, "rejected_outlier": int((~kept).sum()), "used": int(kept.sum())},
+        "counts": {**bp.counts, "rejected_outlier": int((~kept).sum()),
+                   "rejected_map_outlier": int(len(info["rejected"])),
+                   "used": int(kept.sum()) - int(len(info["rejected"]))},
         "lattice_step": int(info.get("step", 0)), "lattice_max_error": float(info.get("max_error", 0.0)),
         "timings_s": {k: round(v, 4) for k, v in {**bp.timings, **t}.items()},
     }
