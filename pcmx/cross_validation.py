@@ -253,8 +253,7 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     from .beads import pooled_psf_radius
     from .coefficients import coefficient_maps
     from .cone import project_nonnegative, reduce_cone
-    from .family import (RADIUS_IMAGES, REALISM_FLOOR, _radius_task, _realism_mode,
-                         rank_by_threshold)
+    from .family import RADIUS_IMAGES, REALISM_FLOOR, _radius_task, _realism_mode, rank_by_threshold
     from .learn import bead_patches
     from .psf_basis import fit_psf_basis
 

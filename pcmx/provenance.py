@@ -84,7 +84,7 @@ def provenance(parameters: Mapping | None = None, inputs: Iterable = ()) -> dict
     return {
         "pcmx_schema_version": SCHEMA_VERSION,
         "pcmx_version": __version__,
-        "pcmx_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "pcmx_created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "pcmx_parameters": jsonable(dict(parameters or {})),
         "pcmx_inputs": records,
     }

@@ -110,7 +110,7 @@ def spatial_coords(
     """
     dims = tuple(dims) if dims is not None else SPATIAL_DIMS[-len(shape):]
     steps = _steps(pixel_size_um, len(shape))
-    return {d: _axis_coord(n, s, d, centred=False) for d, n, s in zip(dims, shape, steps)}
+    return {d: _axis_coord(n, s, d, centred=False) for d, n, s in zip(dims, shape, steps, strict=True)}
 
 
 def kernel_coords(
@@ -119,7 +119,7 @@ def kernel_coords(
     """Kernel offset coordinates, 0 at the centre index ``size // 2`` of each axis."""
     dims = tuple(dims) if dims is not None else KERNEL_DIMS[-len(shape):]
     steps = _steps(pixel_size_um, len(shape))
-    return {d: _axis_coord(n, s, d, centred=True) for d, n, s in zip(dims, shape, steps)}
+    return {d: _axis_coord(n, s, d, centred=True) for d, n, s in zip(dims, shape, steps, strict=True)}
 
 
 def pixel_size(obj: xr.Dataset | xr.DataArray, dim: str) -> float | None:

@@ -11,8 +11,8 @@ from pcmx.cone import (
     cone_membership_distance,
     nonnegative_generators,
     project_grid,
-    project_nonnegative,
     project_maps,
+    project_nonnegative,
     project_onto_cone,
     reduce_cone,
 )

@@ -1,6 +1,4 @@
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +8,6 @@ from conftest import make_operator
 
 import pcmx
 from pcmx.errors import SchemaError, StoreError, StoreExistsError
-from pcmx.io import store as store_mod
 
 
 def test_round_trip_keeps_values_dtypes_units_and_provenance(tmp_path, operator_ds):

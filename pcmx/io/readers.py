@@ -104,7 +104,7 @@ def _check_tiff_complete(tif, path: str, log: _TiffLog) -> None:
         raise ValueError(broken[0])
     size = os.path.getsize(path)
     for page in tif.pages:
-        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True) if c]
         if ends and max(ends) > size:
             raise ValueError(f"image data ends at byte {max(ends)} but the file has {size} bytes")
 
@@ -264,7 +264,7 @@ def as_image(image, *, pixel_size=None, name: str = "image") -> xr.DataArray:
         dims = image.dims
         if dims not in (("y", "x"), ("z", "y", "x")):
             if image.ndim in (2, 3):
-                image = image.rename(dict(zip(dims, ("y", "x") if image.ndim == 2 else ("z", "y", "x"))))
+                image = image.rename(dict(zip(dims, ("y", "x") if image.ndim == 2 else ("z", "y", "x"), strict=True)))
             else:
                 raise InputError(f"image has dims {dims}; expected ('y', 'x') or ('z', 'y', 'x')")
         if pixel_size is not None:

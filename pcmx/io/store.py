@@ -67,7 +67,7 @@ def _encoding(ds: xr.Dataset) -> dict:
         if var.chunks is not None or var.ndim < 2:
             continue
         chunks = []
-        for dim, size in zip(var.dims, var.shape):
+        for dim, size in zip(var.dims, var.shape, strict=True):
             if dim in ("y", "x"):
                 chunks.append(min(size, _SPATIAL_CHUNK))
             elif dim == "z":
