@@ -122,3 +122,20 @@ def test_given_radius_is_used(sim):
     op = learn_operator(sim["image"], psf_radius=8.0, n_components=3)
     assert op.attrs["pcmx_parameters"]["psf_radius"] == 8
     assert op.sizes["ky"] == op.sizes["kx"] == 2 * 10 + 1  # half side ceil(1.2 r)
+
+
+def test_only_overlapping_beads_and_a_wrong_pixel_size_are_refused():
+    """Issue 5's bad input: pairs of beads 6 px apart (both detected, every one crowded) and
+    a pixel size that is not a length."""
+    yy, xx = np.mgrid[:160, :160]
+    img = np.full((160, 160), 100.0)
+    for cy in (30, 80, 130):
+        for cx in (30, 80, 130):
+            for dx in (0, 6):
+                img += 3000 * np.exp(-((yy - cy) ** 2 + (xx - cx - dx) ** 2) / (2 * 1.5**2))
+    img = np.random.default_rng(0).poisson(img).astype(np.float32)
+    with pytest.raises(InputError, match=r"all 18 detected beads were rejected \(border 0, saturated 0, "
+                                         r"crowded 18\)"):
+        learn_operator(img)
+    with pytest.raises(InputError, match=r"^pixel_size='65 apples' is not a length \(e.g. '65nm'\)$"):
+        learn_operator(img, pixel_size="65 apples")
