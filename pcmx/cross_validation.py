@@ -185,7 +185,7 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
                           n_modes: int | None = None, psf_radius: int | None = None,
                           background: str | None = None, realism: bool | str = "nonnegative",
                           eta: float | None = None, seed: int = 0,
-                          pixel_size: str | None = None) -> xr.Dataset:
+                          pixel_size: str | None = None, mode_rule: str = "capped") -> xr.Dataset:
     """Held-out bead errors of a family, of each image's own operator and of the average PSF.
 
     The beads of every image are split into ``folds`` folds (the split of image k is the one
@@ -208,7 +208,8 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
         I of the family (and of each single operator); the 2.858 * median rule per fold when
         None (II-E-c).
     n_modes : int, optional
-        J; the 2.858 * median rule on the maps' singular values per fold when None.
+        J; per fold from the maps' singular values by ``mode_rule`` (as in
+        :func:`pcmx.family.learn_family`) when None.
     psf_radius : int, optional
         r, shared by all images; when None, from the pooled bead profiles of up to
         ``pcmx.family.RADIUS_IMAGES`` images, as :func:`pcmx.family.learn_family` does.
@@ -253,7 +254,7 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     from .beads import pooled_psf_radius
     from .coefficients import coefficient_maps
     from .cone import project_nonnegative, reduce_cone
-    from .family import RADIUS_IMAGES, REALISM_FLOOR, _radius_task, _realism_mode, rank_by_threshold
+    from .family import RADIUS_IMAGES, REALISM_FLOOR, _radius_task, _realism_mode, choose_modes
     from .learn import bead_patches
     from .psf_basis import fit_psf_basis
 
@@ -321,7 +322,7 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
         order = np.argsort(evals)[::-1]
         sv = np.sqrt(np.clip(evals[order], 0, None))
         evecs = evecs[:, order]
-        j = n_modes or min(rank_by_threshold(sv), k_count * n_i)
+        j = n_modes or min(choose_modes(sv, mode_rule), k_count * n_i)
         if j > k_count * n_i:
             raise InputError(f"n_modes={n_modes} exceeds K*I = {k_count * n_i}")
         proj = evecs[:, :j] @ evecs[:, :j].T  # U_J U_J^T

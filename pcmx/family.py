@@ -90,7 +90,8 @@ from .io.readers import PcmxWarning, as_image, read_image
 from .provenance import jsonable, provenance
 from .units import kernel_coords, pixel_size
 
-__all__ = ["learn_family", "rank_by_threshold", "GRAM_MAX_ROWS", "MIN_BEADS"]
+__all__ = ["learn_family", "rank_by_threshold", "rank_by_energy", "choose_modes", "GRAM_MAX_ROWS",
+           "MIN_BEADS", "MODE_RULES"]
 
 #: Largest K*I for which ``svd="auto"`` takes the exact Gram route (the measurement behind it
 #: is in the module docstring).
@@ -102,6 +103,8 @@ _BLOCK_BYTES = 128 * 2**20
 _CHECKPOINT_VERSION = 3  # 3: realism by non-negativity, spline outlier rejection, pooled r
 
 
+#: Relative RMS truncation error of the maps that :func:`rank_by_energy` allows (J).
+MODE_TOLERANCE = 0.01
 #: Images whose bead profiles are pooled to estimate r (evenly spaced over the inputs).
 RADIUS_IMAGES = 8
 #: Realism: predicted PSFs kept >= -REALISM_FLOOR * their peak (both projections).
@@ -122,6 +125,38 @@ def rank_by_threshold(singular_values, factor: float = 2.858) -> int:
     """Number of singular values above ``factor * median`` (II-E-c; Gavish & Donoho)."""
     s = np.asarray(singular_values, dtype=np.float64)
     return max(1, int(np.sum(s > factor * np.median(s))))
+
+
+def rank_by_energy(singular_values, tolerance: float = MODE_TOLERANCE) -> int:
+    """Fewest modes J whose truncation error is at most ``tolerance`` of the maps' RMS norm,
+    ``sqrt(sum_{j >= J} s_j^2 / sum_j s_j^2) <= tolerance``.
+
+    With an orthonormal PSF basis, the l2 norm of a coefficient vector is that of its PSF, so
+    this is the RMS relative change of the PSFs over the field and the states that the
+    truncation makes: 1% by default, below the error of any learned PSF (>= 4% in the
+    simulations of ``docs/family.md``).
+    """
+    s = np.asarray(singular_values, dtype=np.float64)
+    tail = np.sqrt(np.clip(np.cumsum((s * s)[::-1])[::-1], 0, None) / max(float(np.sum(s * s)), 1e-300))
+    # tail[j]: the relative error with j modes kept; the first j where it is small enough
+    ok = np.flatnonzero(np.append(tail[1:], 0.0) <= tolerance)
+    return max(1, int(ok[0]) + 1) if ok.size else len(s)
+
+
+MODE_RULES = ("capped", "threshold", "energy")
+
+
+def choose_modes(singular_values, rule: str = "capped") -> int:
+    """J from the maps' singular values: ``"threshold"`` (the paper's 2.858 * median rule,
+    :func:`rank_by_threshold`), ``"energy"`` (:func:`rank_by_energy`, 1% RMS) or
+    ``"capped"`` (the default: the smaller of the two)."""
+    if rule == "capped":
+        return min(rank_by_threshold(singular_values), rank_by_energy(singular_values))
+    if rule == "energy":
+        return rank_by_energy(singular_values)
+    if rule == "threshold":
+        return rank_by_threshold(singular_values)
+    raise InputError(f"mode_rule={rule!r}: expected one of {', '.join(map(repr, MODE_RULES))}")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -555,7 +590,7 @@ def _modes_from(maps, shape, chunk, proj, *, progress, client) -> np.ndarray:
     return modes
 
 
-def _svd_gram(maps, shape, chunk, n_modes, *, progress, client):
+def _svd_gram(maps, shape, chunk, n_modes, *, progress, client, mode_rule="capped"):
     import dask
 
     blocks = _blocks(maps, shape, chunk)
@@ -566,7 +601,7 @@ def _svd_gram(maps, shape, chunk, n_modes, *, progress, client):
     order = np.argsort(evals)[::-1]
     evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
     sv = np.sqrt(evals)
-    j = n_modes or min(rank_by_threshold(sv), len(sv))
+    j = n_modes or min(choose_modes(sv, mode_rule), len(sv))
     proj = evecs[:, :j] / np.where(sv[:j] > 0, sv[:j], 1.0)
     modes = _modes_from(maps, shape, chunk, proj, progress=progress, client=client)
     # gamma_k[i, j] = <alpha_{i,k}, a_j> = s_j V[k*I + i, j] (no third pass over the maps)
@@ -630,7 +665,8 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
                  checkpoint: str | os.PathLike | None = None, overwrite_checkpoint: bool = False,
                  skip_bad: bool = False, svd: str = "auto", power_iterations: int = 2,
                  oversamples: int = 10, seed: int = 0, progress: bool = False,
-                 client=None, workers: int | None = None) -> xr.Dataset:
+                 client=None, workers: int | None = None,
+                 mode_rule: str = "capped") -> xr.Dataset:
     """Learn the family of a microscope's operators from K bead images (paper II-D).
 
     Parameters
@@ -640,8 +676,15 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
     n_components : int, optional
         I; the 2.858 * median rule on the patches' singular values when None.
     n_modes : int, optional
-        J; the 2.858 * median rule on the maps' singular values when None (at most K*I; needs
-        the Gram route).
+        J; chosen from the maps' singular values by ``mode_rule`` when None (needs the Gram
+        route, which ``svd="auto"`` takes then).
+    mode_rule : {"capped", "threshold", "energy"}
+        ``"threshold"``: the paper's 2.858 * median rule (II-E-c). It assumes white noise on
+        the maps; smooth spline maps have none, and on many maps it keeps modes that change
+        no PSF: 38-44 modes where 8 give the same PSF error (``docs/family.md``), a family
+        store 5x larger and blind deblurring needing 5x more point sources (P >= J).
+        ``"energy"``: the fewest modes that reproduce all K*I maps to 1% RMS
+        (:func:`rank_by_energy`). ``"capped"`` (default): the smaller of the two.
     psf_radius : int, optional
         r, shared by all images (patches must have one size); estimated when None from the
         pooled bead profiles of up to ``RADIUS_IMAGES`` images spread over the inputs
@@ -718,6 +761,8 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
 
     t_all = time.perf_counter()
     realism = _realism_mode(realism)
+    if mode_rule not in MODE_RULES:
+        raise InputError(f"mode_rule={mode_rule!r}: expected one of {', '.join(map(repr, MODE_RULES))}")
     if svd not in ("auto", "gram", "randomized"):
         raise InputError(f"svd={svd!r}: expected 'auto', 'gram' or 'randomized'")
     if svd == "randomized" and n_modes is None:
@@ -793,7 +838,8 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         else:
             _prepare_checkpoint(ckpt, manifest, overwrite_checkpoint)
         return _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all,
-                         n_components=n_components, n_modes=n_modes, psf_radius=psf_radius,
+                         n_components=n_components, n_modes=n_modes, mode_rule=mode_rule,
+                         psf_radius=psf_radius,
                          pixel_size_=pixel_size_, background=background, realism=realism,
                          chunk=chunk, skip_bad=skip_bad, svd=svd,
                          power_iterations=power_iterations, oversamples=oversamples, seed=seed,
@@ -822,7 +868,7 @@ def _handle_bad(bad: dict, labels, skip_bad: bool, total: int, what: str, usable
 
 
 def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_components,
-              n_modes, psf_radius, pixel_size_, background, realism, chunk, skip_bad, svd,
+              n_modes, mode_rule, psf_radius, pixel_size_, background, realism, chunk, skip_bad, svd,
               power_iterations, oversamples, seed, progress, client, workers, coords, ref_shape,
               fit_psf_basis, reduce_cone):
     import dask.array as da
@@ -949,7 +995,8 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
     if n_modes is not None and n_modes > n_rows:
         raise InputError(f"n_modes={n_modes} exceeds K*I = {n_rows}")
     if route == "gram":
-        modes, gamma, sv = _svd_gram(maps, shape, c, n_modes, progress=progress, client=client)
+        modes, gamma, sv = _svd_gram(maps, shape, c, n_modes, progress=progress, client=client,
+                                     mode_rule=mode_rule)
     else:
         modes, gamma, sv = _svd_randomized(maps, shape, c, n_modes, power_iterations=power_iterations,
                                            oversamples=oversamples, seed=seed, progress=progress,
@@ -979,7 +1026,8 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
                 "mode": np.arange(j), "y": ycoord, "x": xcoord,
                 **kernel_coords(h.shape[1:], None if px is None else (py, px))},
     )
-    params = {"n_components": int(n_i), "n_modes": int(j), "psf_radius": int(r),
+    params = {"n_components": int(n_i), "n_modes": int(j),
+              "mode_rule": None if n_modes is not None else mode_rule, "psf_radius": int(r),
               "psf_radius_estimate": radius_info, "map_outliers": map_outliers,
               "realism": realism, "background": background or "default", "svd": route,
               "svd_chunk": c, "n_patches": n_patches, "n_images": n_images,

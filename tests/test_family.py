@@ -14,7 +14,7 @@ import scipy.linalg
 
 import pcmx
 from pcmx.errors import InputError
-from pcmx.family import learn_family, rank_by_threshold
+from pcmx.family import choose_modes, learn_family, rank_by_energy, rank_by_threshold
 from pcmx.io.readers import PcmxWarning
 from pcmx.simulate import simulate_beads, true_psfs
 
@@ -62,6 +62,16 @@ def test_family_psfs_match_truth(sim, family):
 
 def test_rank_rule_and_errors():
     assert rank_by_threshold([100, 50, 1, 1, 1, 1, 1]) == 2
+    # energy rule: 1 - (100^2 + 50^2) / total leaves sqrt(5 / 12505) = 2.0% > 1%; with the
+    # third value 1.8% ... the first J whose tail is <= 1%
+    s = np.array([100.0, 50, 1, 1, 1, 1, 1])
+    tails = [np.sqrt(np.sum(s[j:] ** 2) / np.sum(s**2)) for j in range(1, 8)]
+    assert rank_by_energy(s) == 1 + next(j for j, t in enumerate(tails) if t <= 0.01)
+    assert rank_by_energy(s, 0.5) == 1 and rank_by_energy(s, 0.0) == 7
+    assert choose_modes(s, "threshold") == 2
+    assert choose_modes(s) == min(2, rank_by_energy(s))
+    with pytest.raises(InputError, match=r"^mode_rule='bogus': expected one of 'capped', 'threshold', 'energy'$"):
+        choose_modes(s, "bogus")
     with pytest.raises(InputError, match="at least 2 images"):
         learn_family([np.zeros((32, 32))])
 
@@ -384,3 +394,18 @@ def test_realism_modes(sim, family):
     assert low["none"] < min(low["nonnegative"], low["cone"])
     with pytest.raises(InputError, match=r"^realism='bogus': expected 'nonnegative', 'cone' or False$"):
         learn_family(sim["image"], realism="bogus")
+
+
+def test_automatic_modes_by_energy_and_by_threshold(sim):
+    """J by default: the paper's 2.858 * median rule capped by the fewest modes reproducing
+    all K*I maps to 1% RMS; each rule on its own on request."""
+    fams = {rule: learn_family(sim["image"], n_components=4, mode_rule=rule, progress=False)
+            for rule in ("capped", "threshold", "energy")}
+    sv = fams["capped"]["map_singular_values"].values
+    j = {rule: f.sizes["mode"] for rule, f in fams.items()}
+    print(f"J by rule: {j} of {len(sv)} maps")
+    tail = lambda k: np.sqrt(np.sum(sv[k:] ** 2) / np.sum(sv**2))  # noqa: E731
+    assert tail(j["energy"]) <= 0.01 < tail(j["energy"] - 1)
+    assert j["threshold"] == rank_by_threshold(sv)
+    assert j["capped"] == min(j["energy"], j["threshold"])
+    assert fams["capped"].attrs["pcmx_parameters"]["mode_rule"] == "capped"

@@ -17,8 +17,8 @@ Both models get the same PSF radius r = 12 px: the automatic estimate on such di
 ``docs/family.md``). The family's I is automatic (the noise rule picks 12 on the pooled
 patches: ten states span more PSF shapes than one, and with I = 5 the shared basis alone cannot
 represent the true PSFs better than ~12%, see docs/family.md; the basis' floor is printed) and
-J = 8 (the 2.858 * median rule keeps ~40 modes here; the modes barely matter to this figure,
-0.053 with 8 or 44). The family's maps go through its default realism projection
+so is J (the default rule: 8 here, where the paper's 2.858 * median rule alone keeps ~40; the
+modes barely matter to this figure, 0.053 with 8 or 44). The family's maps go through its default realism projection
 (non-negativity); the test also checks that every PSF it predicts is non-negative within 1.5%
 of its peak.
 """
@@ -39,7 +39,6 @@ from pcmx.simulate import simulate_beads, true_psfs
 SHAPE = (512, 512)
 K = 10
 R = 12
-J_FAMILY = 8
 WINDOW = 33
 COMB_STEP = 32
 
@@ -83,7 +82,7 @@ def sim():
 
 @pytest.fixture(scope="module")
 def family(sim):
-    return learn_family(sim["image"], n_modes=J_FAMILY, psf_radius=R)
+    return learn_family(sim["image"], psf_radius=R)
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +250,7 @@ def test_automatic_radius_pools_the_beads_of_all_images(sim, grid):
     at 8-11 px, the mean of ~130 at ~14. Compared on a 49 x 49 window (the wings included)
     with each image's own automatic operator."""
     window = 49
-    fam = learn_family(sim["image"], n_modes=J_FAMILY, progress=False)
+    fam = learn_family(sim["image"], progress=False)
     params = fam.attrs["pcmx_parameters"]
     est = params["psf_radius_estimate"]
     print(f"\nautomatic r: family {params['psf_radius']} px (pooled over {est['pooled_beads']} beads "

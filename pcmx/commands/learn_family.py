@@ -20,7 +20,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("images", nargs="+", help="2D bead images (TIFF/Zarr/.npy) or globs; one state each")
     parser.add_argument("-o", "--output", required=True, help="family store to write (Zarr)")
     parser.add_argument("--components", type=int, default=None, help="I (default: 2.858 x median rule)")
-    parser.add_argument("--modes", type=int, default=None, help="J (default: 2.858 x median rule)")
+    parser.add_argument("--modes", type=int, default=None,
+                        help="J (default: by --mode-rule)")
+    parser.add_argument("--mode-rule", choices=("capped", "threshold", "energy"), default="capped",
+                        help="automatic J: the paper's 2.858 x median rule (threshold), the fewest modes "
+                             "reproducing the maps to 1%% RMS (energy), or the smaller (capped, default)")
     parser.add_argument("--psf-radius", type=int, default=None, help="r in pixels, shared (default: estimated)")
     parser.add_argument("--pixel-size", default=None, help="e.g. 65nm, when the files lack it")
     parser.add_argument("--planes-as-states", action="store_true",
@@ -113,6 +117,7 @@ def run(args) -> int:
                                   psf_radius=args.psf_radius, pixel_size_=args.pixel_size,
                                   checkpoint=checkpoint, overwrite_checkpoint=args.overwrite,
                                   skip_bad=args.skip_bad, svd=args.svd, realism=args.realism,
+                                  mode_rule=args.mode_rule,
                                   progress=not args.no_progress, client=client)
             except InputError as exc:
                 done = os.path.join(checkpoint, "beads")
