@@ -886,10 +886,10 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
         norm (the PSF-relative error of that prediction), lies this many robust standard
         deviations (1.4826 MAD over the beads) above the median and above ``OUTLIER_FLOOR``
         (10%) are left out and the spline refitted (twice at most); only with eta chosen by
-        GCV. A few gross outliers (merged
-        beads, debris: leave-one-out residuals 20-1000 sigma, where clean fields stay below
-        7) drive GCV to eta ~ 0, an interpolating spline, and coefficient maps that need a
-        1-pixel lattice (100 s instead of 0.5 s on 2304 x 2304). None: no rejection.
+        GCV. A few gross outliers (merged beads, debris: leave-one-out errors of 10-1600%
+        where the typical bead's is 2-3%) drove GCV to eta ~ 0, an interpolating spline, and
+        coefficient maps that needed a 1-pixel lattice (100 s instead of 0.5 s on
+        2304 x 2304). None: no rejection.
     return_spline : bool
         Also return the fitted :class:`ThinPlateSpline` (eta, GCV score, weights) and the
         lattice info ``{"step", "max_error"}``.
