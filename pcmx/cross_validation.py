@@ -251,10 +251,16 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     matrix, accumulated over pixel blocks. The maps of one fold are held in memory (float32,
     ``K I ny nx`` values): cross-validate on a subset of images or a crop for very large data.
     """
-    from .beads import pooled_psf_radius
     from .coefficients import coefficient_maps
-    from .cone import project_nonnegative, reduce_cone
-    from .family import RADIUS_IMAGES, REALISM_FLOOR, _radius_task, _realism_mode, choose_modes
+    from .family import (
+        _cone_generators,
+        _nonnegative_projector,
+        _pooled_radius,
+        _radius_picks,
+        _radius_task,
+        _realism_mode,
+        choose_modes,
+    )
     from .learn import bead_patches
     from .psf_basis import fit_psf_basis
 
@@ -272,9 +278,7 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
             raise InputError(f"{lab}: shape {im.shape} differs from {shape} of {labels[0]}")
     bps, r = [], psf_radius
     if r is None:
-        pick = np.unique(np.linspace(0, len(imgs) - 1, min(RADIUS_IMAGES, len(imgs))).astype(int))
-        infos = [i for i in (_radius_task(imgs[k], None) for k in pick) if i is not None]
-        r = pooled_psf_radius(infos) if infos else None
+        r, _ = _pooled_radius([_radius_task(imgs[k], None) for k in _radius_picks(len(imgs))])
     for lab, im in zip(labels, imgs, strict=True):
         try:
             bp = bead_patches(im, psf_radius=r, background=background)
@@ -304,12 +308,8 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
         beta = np.asarray(basis["beta"].values, dtype=np.float64)
         owner, positions = owner[kept], positions[kept]
         n_i = h.shape[0]
-        generators = project = None
-        if mode == "cone":
-            generators = reduce_cone(beta, psf_basis=h, max_generators=len(beta), floor=REALISM_FLOOR)
-        elif mode == "nonnegative":
-            def project(rows, h=h):
-                return project_nonnegative(rows, h, floor=REALISM_FLOOR)
+        generators = _cone_generators(beta, h) if mode == "cone" else None
+        project = _nonnegative_projector(h) if mode == "nonnegative" else None
         maps = []
         for k in range(k_count):
             sel = owner == k

@@ -415,6 +415,43 @@ def _radius_task(item, pixel_size_):
     return {key: info[key] for key in ("profile", "noise", "n_beads", "radii", "max_radius")}
 
 
+def _radius_picks(n: int) -> np.ndarray:
+    """Indices of the (at most RADIUS_IMAGES) images, spread over n, whose beads set r."""
+    return np.unique(np.linspace(0, n - 1, min(RADIUS_IMAGES, n)).astype(int))
+
+
+def _pooled_radius(infos) -> tuple[int | None, dict | None]:
+    """r from the :func:`_radius_task` results (None where an image had no beads) and its
+    record for ``pcmx_parameters``; (None, None) when no image had beads."""
+    from .beads import pooled_psf_radius
+
+    infos = [i for i in infos if i is not None]
+    if not infos:
+        return None, None
+    return pooled_psf_radius(infos), {
+        "pooled_from_images": len(infos), "pooled_beads": int(sum(i["n_beads"] for i in infos)),
+        "per_image": [int(np.round(np.median(i["radii"]))) for i in infos]}
+
+
+def _cone_generators(beta, h) -> np.ndarray:
+    """Generators of realism "cone". No cap on their number: the pooled vectors of K states
+    need more than one image's (10 states of 22 dim beads: ~100 to reach 1 degree; a cap of
+    32 left a cone 2-3.5 degrees too small, +30-50% of PSF error)."""
+    from .cone import reduce_cone
+
+    return reduce_cone(beta, psf_basis=h, max_generators=len(beta), floor=REALISM_FLOOR)
+
+
+def _nonnegative_projector(h):
+    """Realism "nonnegative" as the row-wise projector :func:`coefficient_maps` takes."""
+    from .cone import project_nonnegative
+
+    def project(rows):
+        return project_nonnegative(rows, h, floor=REALISM_FLOOR)
+
+    return project
+
+
 def _maps_task(k: int, ckpt: str, fingerprint: str, positions, beta, shape, generators,
                chunk: int, nonnegative_basis=None) -> dict:
     """Coefficient maps alpha_{i,k} of image k, written (I, c, c)-chunked, uncompressed.
@@ -422,16 +459,12 @@ def _maps_task(k: int, ckpt: str, fingerprint: str, positions, beta, shape, gene
     ``generators``: the cone's (realism "cone"); ``nonnegative_basis``: the PSF basis, for
     realism by non-negativity (:func:`pcmx.cone.project_nonnegative`)."""
     from .coefficients import coefficient_maps
-    from .cone import project_nonnegative
 
     path = _entry(ckpt, "maps", k)
     g = _open_entry(path, fingerprint)
     if g is not None:
         return {"k": k, "resumed": True, "rejected": int(g.attrs.get("rejected", 0))}
-    project = None
-    if nonnegative_basis is not None:
-        def project(rows):
-            return project_nonnegative(rows, nonnegative_basis, floor=REALISM_FLOOR)
+    project = None if nonnegative_basis is None else _nonnegative_projector(nonnegative_basis)
     maps, _, info = coefficient_maps(positions, beta, tuple(shape), generators=generators,
                                      project=project, return_spline=True)
     n_i = maps.shape[0]
@@ -756,7 +789,6 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         Fewer than 2 usable images; a bad image without ``skip_bad`` (named, with the cause);
         a checkpoint made with other arguments or inputs; bad ``svd``/``n_modes``.
     """
-    from .cone import reduce_cone
     from .psf_basis import fit_psf_basis
 
     t_all = time.perf_counter()
@@ -845,7 +877,7 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
                          power_iterations=power_iterations, oversamples=oversamples, seed=seed,
                          progress=progress, client=client, workers=workers,
                          coords=(ycoord, xcoord, py, px), ref_shape=ref_shape,
-                         fit_psf_basis=fit_psf_basis, reduce_cone=reduce_cone)
+                         fit_psf_basis=fit_psf_basis)
     finally:
         if own:
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -870,7 +902,7 @@ def _handle_bad(bad: dict, labels, skip_bad: bool, total: int, what: str, usable
 def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_components,
               n_modes, mode_rule, psf_radius, pixel_size_, background, realism, chunk, skip_bad, svd,
               power_iterations, oversamples, seed, progress, client, workers, coords, ref_shape,
-              fit_psf_basis, reduce_cone):
+              fit_psf_basis):
     import dask.array as da
     import zarr
 
@@ -883,18 +915,9 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
     r = psf_radius
     radius_info = None
     if r is None:
-        pick = [probed[i] for i in np.unique(np.linspace(0, len(probed) - 1,
-                                                         min(RADIUS_IMAGES, len(probed))).astype(int))]
-        infos = _run_tasks(_radius_task, [(images[k], pixel_size_) for k in pick],
+        infos = _run_tasks(_radius_task, [(images[probed[i]], pixel_size_) for i in _radius_picks(len(probed))],
                            desc="PSF radius", progress=progress, client=client, workers=workers)
-        infos = [i for i in infos if i is not None]
-        if infos:
-            from .beads import pooled_psf_radius
-
-            r = pooled_psf_radius(infos)
-            radius_info = {"pooled_from_images": len(infos),
-                           "pooled_beads": int(sum(i["n_beads"] for i in infos)),
-                           "per_image": [int(np.round(np.median(i["radii"]))) for i in infos]}
+        r, radius_info = _pooled_radius(infos)
     todo = list(probed)
     with _bar(progress and r is None, 1, "beads (radius)", "image") as bar:
         while r is None and todo:
@@ -940,13 +963,8 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
             h = np.asarray(basis["psf_basis"].values, dtype=np.float32)
             beta = np.asarray(basis["beta"].values, dtype=np.float64)
             psv = np.asarray(basis["singular_values"].values)
-            if realism == "cone":
-                # no cap on the generators: the pooled vectors of K states need more than
-                # one image's (10 states of 22 dim beads: ~100 to reach 1 degree; a cap of 32
-                # left a cone 2-3.5 degrees too small, +30-50% of PSF error)
-                generators = reduce_cone(beta, psf_basis=h, max_generators=len(beta), floor=REALISM_FLOOR)
-            else:
-                generators = np.zeros((0, h.shape[0]))
+            generators = (_cone_generators(beta, h) if realism == "cone"
+                          else np.zeros((0, h.shape[0])))
             _atomic_dir(bpath, lambda tmp: _write_group(
                 tmp, {"psf_basis": h, "beta": beta, "positions": positions[kept],
                       "owner": owner[kept], "singular_values": psv,
