@@ -91,7 +91,7 @@ def simulate_into(directory: str, k: int, size: int, beads: int, seed: int) -> N
     """Write ``k`` TIFF images of one microscope in ``k`` random states (run in a child process)."""
     import numpy as np
 
-    from pcmx.commands.simulate import write_tiff
+    from pcmx.io.tiff import write_tiff
     from pcmx.simulate import simulate_beads
     from pcmx.simulate._model import random_states
 

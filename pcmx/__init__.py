@@ -16,6 +16,7 @@ from . import accessor as _accessor  # noqa: E402,F401  (registers ds.pcmx / da.
 from .errors import InputError, PcmxError, SchemaError, StoreError, StoreExistsError  # noqa: E402
 from .io import open_store, read_image, save_store  # noqa: E402
 from .io.readers import PcmxWarning  # noqa: E402
+from .options import get_options, set_options  # noqa: E402
 from .schema import validate  # noqa: E402
 
 # Heavier parts load on first use, so `import pcmx` and `pcmx info` stay fast.
@@ -42,7 +43,9 @@ __all__ = [
     "StoreExistsError",
     "open_store",
     "read_image",
+    "get_options",
     "save_store",
+    "set_options",
     "validate",
     *_LAZY,
 ]

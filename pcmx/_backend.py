@@ -30,6 +30,7 @@ __all__ = [
     "ndimage_module",
     "asnumpy",
     "asarray_like",
+    "unwrap",
     "cupy_available",
 ]
 
@@ -113,6 +114,17 @@ def asnumpy(x) -> np.ndarray:
     if is_cupy(x):
         return x.get()
     return np.asarray(x)
+
+
+def unwrap(x):
+    """The array a DataArray wraps (NumPy, CuPy or Dask, not converted), else ``x`` itself.
+
+    ``DataArray.values`` would copy CuPy data to the host (or fail); an op that keeps the
+    caller's array library takes ``unwrap(x)`` and dispatches on it.
+    """
+    if type(x).__module__.startswith("xarray") and hasattr(x, "data"):
+        return x.data
+    return x
 
 
 def asarray_like(a, like, dtype=None):

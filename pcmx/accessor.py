@@ -56,8 +56,8 @@ class PcmxDatasetAccessor:
         return _mod("operator").blur(image, self._ds, **kwargs)
 
     def summary(self) -> str:
-        """The text ``pcmx info`` prints."""
-        return _mod("commands.info").describe(self._ds)
+        """The text ``pcmx info`` prints (:func:`pcmx.io.store.describe_store`)."""
+        return _mod("io.store").describe_store(self._ds)
 
 
 @xr.register_dataarray_accessor("pcmx")

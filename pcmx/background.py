@@ -1,4 +1,4 @@
-"""Background estimation and removal for bead patches (paper App. B), and its bias.
+"""Background estimation and removal for bead patches (paper App. B).
 
 Two estimators, both vectorised over all beads:
 
@@ -20,7 +20,7 @@ Two estimators, both vectorised over all beads:
 Real PSFs have wings beyond any practical ``r`` (Airy rings, aberration halos). The local fit
 sees those wings as background and subtracts them from the whole patch: it removes part of
 every bead's own light, a bias proportional to the bead's brightness. The global estimate sees
-far fewer wing pixels. :func:`background_bias` measures both against the simulator's truth
+far fewer wing pixels. :func:`pcmx.truth.background_bias` measures both against the simulator's truth
 (see ``docs/background.md``); the least biased, ``"global"``, is the default. Either way the
 camera offset is part of the background and disappears with it.
 """
@@ -35,16 +35,15 @@ import scipy.sparse.linalg as spla
 import xarray as xr
 
 from .beads import (
-    R_EXT_FACTOR,
-    _normalised_radius,
-    _offset_grids,
-    _positions,
-    _quantisation_step,
-    _robust_noise,
     as_image_array,
+    as_positions,
+    normalised_radius,
+    offset_grids,
     radius_vector,
 )
 from .errors import InputError
+from .execution import blas_limit
+from .noise import quantisation_step, robust_sigma
 
 __all__ = [
     "METHODS",
@@ -58,11 +57,10 @@ __all__ = [
     "fit_masked_spline",
     "patch_coordinates",
     "subtract_background",
-    "background_bias",
 ]
 
 METHODS = ("global", "local")
-#: The least biased estimator measured by :func:`background_bias` (docs/background.md).
+#: The least biased estimator measured by :func:`pcmx.truth.background_bias` (docs/background.md).
 DEFAULT_METHOD = "global"
 _KERNEL_DIMS = ("kz", "ky", "kx")
 _SPATIAL_DIMS = ("z", "y", "x")
@@ -102,7 +100,7 @@ def polynomial_design(kernel_shape, degree: int = 2) -> np.ndarray:
         ``P = 6`` in 2D and ``10`` in 3D for degree 2 (App. B).
     """
     half = [s // 2 for s in kernel_shape]
-    grids = np.meshgrid(*[g / max(h, 1) for g, h in zip(_offset_grids(half), half, strict=True)],
+    grids = np.meshgrid(*[g / max(h, 1) for g, h in zip(offset_grids(half), half, strict=True)],
                         indexing="ij")
     flat = [g.ravel() for g in grids]
     nd = len(flat)
@@ -144,7 +142,7 @@ def local_background(patches, r=None, *, degree: int = 2) -> np.ndarray:
     rv = _radius_of(patches, r, nd)
     kshape = data.shape[1:]
     design = polynomial_design(kshape, degree)
-    rho = _normalised_radius([s // 2 for s in kshape], rv).ravel()
+    rho = normalised_radius([s // 2 for s in kshape], rv).ravel()
     omega = rho >= 1.0
     if omega.sum() < 2 * design.shape[1]:
         raise InputError(f"r={rv.tolist()}: only {int(omega.sum())} patch pixels lie outside the "
@@ -245,14 +243,12 @@ def _solve(lhs: sp.spmatrix, rhs: np.ndarray) -> np.ndarray:
     if n <= 300:
         return scipy.linalg.solve(lhs.toarray(), rhs, assume_a="pos")
     if band < n // 4:  # banded Cholesky: n band^2 operations
-        from threadpoolctl import threadpool_limits
-
         ab = np.zeros((band + 1, n))
         upper = coo.col >= coo.row
         ab[band + coo.row[upper] - coo.col[upper], coo.col[upper]] = coo.data[upper]
         # one BLAS thread: this small banded factorisation is slower with several (measured
         # 6 ms with one, 0.3-0.6 s with two on a busy 2-core machine)
-        with threadpool_limits(1, user_api="blas"):
+        with blas_limit(1):
             return scipy.linalg.solveh_banded(ab, rhs)
     return spla.spsolve(lhs.tocsc(), rhs)
 
@@ -475,12 +471,12 @@ def global_background(image, positions=None, r=None, *, block=None, mask_radius=
         counts = counts * np.diff(e).reshape(shape)
     # noise floor: quantisation of integer images, else 1e-3 of the median level (noise-free
     # simulations would otherwise mask every rounding error of the fit)
-    floor = max(_quantisation_step(img) / np.sqrt(12.0) / 4,
+    floor = max(quantisation_step(img) / np.sqrt(12.0) / 4,
                 1e-3 * float(np.median(np.abs(img[tuple(slice(None, None, 4) for _ in range(nd))]))),
                 1e-12)
     seeds0 = None
-    if positions is not None and len(_positions(positions, nd)):
-        pos = _positions(positions, nd)
+    if positions is not None and len(as_positions(positions, nd)):
+        pos = as_positions(positions, nd)
         ci = np.clip(np.rint(pos).astype(np.int64), 0, np.asarray(img.shape) - 1)
         seeds0 = np.zeros(img.shape, dtype=bool)
         seeds0[tuple(ci.T)] = True
@@ -510,10 +506,10 @@ def global_background(image, positions=None, r=None, *, block=None, mask_radius=
         # minus a 13-pixel box mean) to find compact bright things, not the estimate's slow
         # errors; 3.-4. cell means and the spline
         resid = img - _evaluate_grid(coef, centres, img.shape)
-        noise = max(_robust_noise(resid), floor)
+        noise = max(robust_sigma(resid), floor)
         hp = ndi.gaussian_filter(resid, 2.0)
         hp -= ndi.uniform_filter(resid, size=13)
-        seeds = hp > snr * max(_robust_noise(hp), floor)
+        seeds = hp > snr * max(robust_sigma(hp), floor)
         extra = ndi.maximum_filter(seeds.view(np.uint8), size=tuple(2 * sr + 1)).astype(bool)
         extra |= np.abs(resid) > clip * noise
         new = extra if seeds0 is None else (extra | mask0)
@@ -576,10 +572,10 @@ def patch_coordinates(patches: xr.DataArray, positions=None) -> np.ndarray:
         if missing:
             raise InputError(f"positions: not given and patches lack coords {missing}")
         positions = np.stack([patches[f"bead_{d}"].values for d in dims], axis=1)
-    pos = _positions(positions, nd)
+    pos = as_positions(positions, nd)
     if len(pos) != data.shape[0]:
         raise InputError(f"positions: {len(pos)} positions for {data.shape[0]} patches")
-    grids = np.meshgrid(*_offset_grids([s // 2 for s in data.shape[1:]]), indexing="ij")
+    grids = np.meshgrid(*offset_grids([s // 2 for s in data.shape[1:]]), indexing="ij")
     off = np.stack(grids, axis=-1)
     return pos.reshape((len(pos),) + (1,) * nd + (nd,)) + off[None]
 
@@ -634,7 +630,7 @@ def subtract_background(patches: xr.DataArray, r=None, *, method: str = DEFAULT_
         pts = patch_coordinates(patches, positions)
         centres = pts[(slice(None), *(s // 2 for s in data.shape[1:]))]
         masks = centres if mask_positions is None else np.concatenate(
-            [_positions(mask_positions, nd), centres])
+            [as_positions(mask_positions, nd), centres])
         coarse = global_background(image, masks, rv, **kwargs)
         bg = background_at(coarse, pts)
     out = (data.astype(np.float32) - bg).astype(np.float32)
@@ -644,161 +640,3 @@ def subtract_background(patches: xr.DataArray, r=None, *, method: str = DEFAULT_
     else:
         res = out
     return (res, bg) if return_background else res
-
-
-# --------------------------------------------------------------------------------------------
-# bias against the simulator's truth
-# --------------------------------------------------------------------------------------------
-def _frame_truth(sim, pos: np.ndarray, truth_pos: np.ndarray, amp: np.ndarray, size: int,
-                 scale: float) -> np.ndarray:
-    """Each bead's own noise-free image (ADU), alone, sampled in our patch frame."""
-    from .simulate import true_psfs
-
-    big = size + 8
-    t = true_psfs(sim, truth_pos[:, 0], truth_pos[:, 1], size=big).astype(np.float64)
-    err = pos - truth_pos  # our centre minus the true position
-    out = np.empty((len(pos), size, size))
-    for m in range(len(pos)):  # a few hundred beads, each a small shift
-        out[m] = ndi.shift(t[m], -err[m], order=3, mode="constant")[4:-4, 4:-4]
-    return out * (scale * amp)[:, None, None]
-
-
-def background_bias(sim, *, methods=METHODS, psf_radius=None, max_beads: int = 400) -> xr.Dataset:
-    """Bias of each background estimator against a simulation's ground truth.
-
-    The bead steps of :mod:`pcmx.beads` run once on ``sim["image"]`` (detection, automatic r,
-    rejection, centring, patches); then each method's background is compared with the truth
-    on the same patches:
-
-    ``background_error``
-        mean over beads and the pixels within ``r_ext`` of (estimated - true) background, in
-        image units (ADU); the true background is ``gain * background + offset``.
-    ``flux_bias``
-        mean over beads of ``sum(m (p - b)) / sum(m t) - 1`` with ``m`` the bump multiplier,
-        ``p - b`` the background-free patch and ``t`` the bead's own noise-free image: the
-        relative error of the light the PSF keeps (other beads' far wings count as background).
-    ``flux_bias_sem``
-        its standard error over beads (the noise's share).
-    ``psf_error``
-        median relative l2 error of the bumped, sum-one PSF against the same for ``t``.
-
-    Parameters
-    ----------
-    sim : Dataset from :func:`pcmx.simulate.simulate_beads` (2D, one state)
-    methods : sequence of str
-    psf_radius : float, optional
-        r; estimated from the image when None.
-    max_beads : int
-        At most this many (strongest) beads are compared.
-
-    Returns
-    -------
-    Dataset with dim ``estimator`` (not "method": ``Dataset.sel(method=...)`` is taken by
-    xarray); attrs ``psf_radius``, ``n_beads``, ``photons``.
-    """
-    from . import beads as bd
-    from .simulate import true_psfs  # noqa: F401  (fails early without the simulator)
-
-    img = sim["image"]
-    if img.ndim != 2:
-        raise InputError(f"sim: background_bias needs a 2D one-state simulation, got dims {img.dims}")
-    raw = img.values
-    work = raw.astype(np.float32)
-    cam = sim.attrs.get("camera", {})
-    applied = bool(cam.get("applied", False))
-    gain = float(cam.get("gain_adu_per_electron", 1.0)) if applied else 1.0
-    offset = float(cam.get("offset_adu", 0.0)) if applied else 0.0
-    det, info = bd.detect_beads(work)
-    r = psf_radius if psf_radius is not None else bd.estimate_psf_radius(work, det)
-    keep, _ = bd.reject_beads(det, work.shape, r, image=raw)
-    pos = bd.center_beads(work, det[keep][:max_beads], r)
-    patches = bd.extract_patches(work, pos, r)
-    truth = np.c_[sim["bead_y"].values, sim["bead_x"].values]
-    from scipy.spatial import cKDTree
-
-    dist, idx = cKDTree(truth).query(pos)
-    ok = dist < 2.0
-    pos, idx, patches = pos[ok], idx[ok], patches.isel(bead=np.flatnonzero(ok))
-    size = patches.sizes["ky"]
-    tpatch = _frame_truth(sim, pos, truth[idx], sim["amplitude"].values[idx], size, gain)
-    rv = radius_vector(r, 2)
-    m = bd.bump_multiplier(patches.shape[1:], rv).astype(np.float64)
-    disk = _normalised_radius([size // 2] * 2, rv) <= R_EXT_FACTOR
-    pts = patch_coordinates(patches)
-    true_bg = gain * ndi.map_coordinates(sim["background"].values.astype(np.float64),
-                                         [pts[..., 0].ravel(), pts[..., 1].ravel()], order=3,
-                                         mode="nearest").reshape(patches.shape) + offset
-    tflux = (m * tpatch).sum(axis=(1, 2))
-    tn = m * tpatch / tflux[:, None, None]
-    rows = {}
-    for meth in methods:
-        _, bg = subtract_background(patches, rv, method=meth, image=work, mask_positions=det,
-                                    return_background=True)
-        bg = bg.astype(np.float64)
-        p = patches.values.astype(np.float64) - bg
-        flux = (m * p).sum(axis=(1, 2))
-        fb = flux / tflux - 1
-        pn = m * p / flux[:, None, None]
-        err = np.linalg.norm((pn - tn).reshape(len(p), -1), axis=1) / np.linalg.norm(
-            tn.reshape(len(p), -1), axis=1)
-        rows[meth] = (float(np.mean((bg - true_bg)[:, disk])), float(np.mean(fb)),
-                      float(np.std(fb) / np.sqrt(len(fb))), float(np.median(err)))
-    names = list(rows)
-    vals = np.array([rows[k] for k in names])
-    return xr.Dataset(
-        {"background_error": ("estimator", vals[:, 0]), "flux_bias": ("estimator", vals[:, 1]),
-         "flux_bias_sem": ("estimator", vals[:, 2]), "psf_error": ("estimator", vals[:, 3])},
-        coords={"estimator": names},
-        attrs={"psf_radius": rv.tolist(), "n_beads": int(len(pos)),
-               "photons": float(sim.attrs.get("scene", {}).get("photons_median", np.nan))})
-
-
-def bias_table(photons=(60000.0, 10000.0, 2000.0), seeds=(11, 12, 13), *, shape=(512, 512),
-               n_beads: int = 150, min_separation: float = 25.0, methods=METHODS) -> xr.Dataset:
-    """:func:`background_bias` over simulated fields of several brightnesses and seeds.
-
-    Each field is ``simulate_beads(shape, n_beads, photons=..., min_separation=..., seed=...)``
-    (random aberrations, smooth background of 50 photons per pixel varying by 30 %, camera
-    offset 100 ADU, gain 2, shot and read noise). The r of each field is estimated from it.
-
-    Returns
-    -------
-    Dataset with dims ``(photons, seed, estimator)`` and the variables of
-    :func:`background_bias`, plus ``psf_radius (photons, seed)`` and ``n_beads``.
-    """
-    from .simulate import simulate_beads
-
-    rows = []
-    for ph in photons:
-        per_seed = []
-        for sd in seeds:
-            sim = simulate_beads(tuple(shape), n_beads, photons=float(ph),
-                                 min_separation=min_separation, seed=int(sd))
-            ds = background_bias(sim, methods=methods)
-            per_seed.append(ds.assign(psf_radius=float(ds.attrs["psf_radius"][0]),
-                                      n_beads=int(ds.attrs["n_beads"])))
-        rows.append(xr.concat(per_seed, dim="seed", combine_attrs="drop"))
-    out = xr.concat(rows, dim="photons", combine_attrs="drop")
-    return out.assign_coords(photons=list(photons), seed=list(seeds))
-
-
-def bias_markdown(table: xr.Dataset) -> str:
-    """The rows of docs/background.md: means over seeds (flux bias +- its spread over seeds)."""
-    lines = ["| photons per bead | r (px) | beads | method | background error (ADU/px) | "
-             "flux bias | PSF error (median rel. l2) |",
-             "|---|---|---|---|---|---|---|"]
-    for ph in table["photons"].values:
-        t = table.sel(photons=ph)
-        for meth in t["estimator"].values:
-            m = t.sel(estimator=meth)
-            fb = m["flux_bias"].values
-            lines.append(
-                f"| {ph:.0f} | {float(t['psf_radius'].mean()):.1f} | {float(t['n_beads'].mean()):.0f} "
-                f"| {meth} | {float(m['background_error'].mean()):+.2f} "
-                f"| {100 * fb.mean():+.2f} % (± {100 * fb.std():.2f}) "
-                f"| {float(m['psf_error'].mean()):.4f} |")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m pcmx.background: the table of docs/background.md
-    print(bias_markdown(bias_table()))

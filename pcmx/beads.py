@@ -36,6 +36,7 @@ import xarray as xr
 from scipy.spatial import cKDTree
 
 from .errors import InputError
+from .noise import quantisation_step, robust_sigma
 from .units import kernel_coords
 
 __all__ = [
@@ -50,6 +51,9 @@ __all__ = [
     "extract_patches",
     "bump_multiplier",
     "patch_half_size",
+    "as_positions",
+    "offset_grids",
+    "normalised_radius",
     "radius_vector",
     "REJECTION_REASONS",
 ]
@@ -130,7 +134,27 @@ def patch_half_size(r, ndim: int, *, r_ext_factor: float = R_EXT_FACTOR) -> np.n
     return np.ceil(radius_vector(r, ndim) * r_ext_factor - 1e-9).astype(np.int64)
 
 
-def _positions(positions, ndim: int, *, name: str = "positions") -> np.ndarray:
+def as_positions(positions, ndim: int, *, name: str = "positions") -> np.ndarray:
+    """Bead positions as a checked ``(N, ndim)`` float64 array in pixel units.
+
+    Parameters
+    ----------
+    positions : array_like (N, ndim)
+        ``(y, x)`` or ``(z, y, x)`` per bead; an empty 1D array means no bead.
+    ndim : int
+        Number of spatial axes.
+    name : str
+        Argument name for error messages.
+
+    Returns
+    -------
+    ndarray (N, ndim) float64
+
+    Raises
+    ------
+    InputError
+        Another shape, NaN or infinite values.
+    """
     pos = np.asarray(positions, dtype=np.float64)
     if pos.ndim == 1 and pos.size == 0:
         pos = pos.reshape(0, ndim)
@@ -167,13 +191,39 @@ def _gather(image: np.ndarray, centres: np.ndarray, half) -> np.ndarray:
     return image[tuple(idx)]
 
 
-def _offset_grids(half) -> list[np.ndarray]:
+def offset_grids(half) -> list[np.ndarray]:
+    """Kernel offsets ``-h .. h`` along each axis (float64), for half sides ``half``.
+
+    Parameters
+    ----------
+    half : sequence of int
+        Half side of the kernel along each axis; the kernel has ``2 h + 1`` pixels, its
+        centre at offset 0.
+
+    Returns
+    -------
+    list of ndarray
+        One 1D array per axis.
+    """
     return [np.arange(-h, h + 1, dtype=np.float64) for h in half]
 
 
-def _normalised_radius(half, r: np.ndarray) -> np.ndarray:
-    """``sqrt(sum_d (k_d / r_d)^2)`` on the kernel grid of half sizes ``half``."""
-    grids = np.meshgrid(*_offset_grids(half), indexing="ij")
+def normalised_radius(half, r) -> np.ndarray:
+    """Distance to the kernel centre in units of the radius, ``sqrt(sum_d (k_d / r_d)^2)``.
+
+    Parameters
+    ----------
+    half : sequence of int
+        Half sides of the kernel grid (see :func:`offset_grids`).
+    r : sequence of float
+        Radius along each axis (pixels); per-axis radii make the level sets ellipsoids.
+
+    Returns
+    -------
+    ndarray, shape ``(2 h_0 + 1, ..., 2 h_{d-1} + 1)``, float64
+        1 on the ellipse (ellipsoid) of radii ``r``.
+    """
+    grids = np.meshgrid(*offset_grids(half), indexing="ij")
     return np.sqrt(sum((g / rd) ** 2 for g, rd in zip(grids, r, strict=True)))
 
 
@@ -187,23 +237,6 @@ def _log_kernel_norm(sigma: np.ndarray) -> float:
     delta[tuple(half)] = 1.0
     resp = ndi.gaussian_laplace(delta, sigma) * float(np.mean(sigma)) ** 2
     return float(np.sqrt(np.sum(resp**2)))
-
-
-def _robust_noise(values: np.ndarray) -> float:
-    """1.4826 x the median absolute deviation (of a strided subsample on large arrays)."""
-    v = values
-    step = max(1, int(np.ceil((v.size / 500_000) ** (1 / v.ndim))))
-    if step > 1:
-        v = v[tuple(slice(None, None, step) for _ in range(v.ndim))]
-    v = v.ravel()
-    med = np.median(v)
-    return float(1.4826 * np.median(np.abs(v - med)))
-
-
-def _quantisation_step(image: np.ndarray) -> float:
-    """1 for integer-valued images (quantisation noise floor), 0 otherwise."""
-    sample = image.ravel()[:: max(1, image.size // 100_000)]
-    return 1.0 if np.all(sample == np.round(sample)) else 0.0
 
 
 def _suppress(positions: np.ndarray, radius: np.ndarray, values: np.ndarray | None = None,
@@ -295,8 +328,8 @@ def detect_beads(image, *, threshold: float | None = None, sigma=1.5, snr: float
         radius_vector(merge_radius, nd, name="merge_radius")
     resp = ndi.gaussian_laplace(img, sig, output=np.float32)
     resp *= np.float32(-float(np.mean(sig)) ** 2)
-    noise = _robust_noise(resp)
-    q = _quantisation_step(img)
+    noise = robust_sigma(resp)
+    q = quantisation_step(img)
     floor = q / np.sqrt(12.0) * _log_kernel_norm(sig)
     noise = max(noise, floor)
     thr = float(threshold) if threshold is not None else float(snr * noise)
@@ -417,7 +450,7 @@ def estimate_psf_radius(image, positions, *, max_radius: int | None = None, n_ca
     """
     img = as_image_array(image)
     nd = img.ndim
-    pos = _positions(positions, nd)
+    pos = as_positions(positions, nd)
     sig = _sigma_vector(sigma, nd)
     lateral = img.shape[-2:]
     rmax = int(max_radius) if max_radius is not None else int(min(40, (min(lateral) - 1) // 4))
@@ -445,12 +478,12 @@ def estimate_psf_radius(image, positions, *, max_radius: int | None = None, n_ca
     else:
         win = _gather(plane, c, (rmax, rmax))
     win = win.astype(np.float64)
-    rho = _normalised_radius((rmax, rmax), np.ones(2))
+    rho = normalised_radius((rmax, rmax), np.ones(2))
     outer = (rho >= rmax - 2.5) & (rho <= rmax)
     outer_px = win.reshape(len(c), -1)[:, outer.ravel()]
     bg = np.median(outer_px, axis=1)
     mad = 1.4826 * np.median(np.abs(outer_px - bg[:, None]), axis=1)
-    q = _quantisation_step(img)
+    q = quantisation_step(img)
     noise = max(float(np.median(mad)), q / np.sqrt(12.0))
     prof = _ring_profiles(win, rho, rmax + 1) - bg[:, None]
     radii = _crossing(prof, np.full(len(c), noise_factor * noise))
@@ -563,7 +596,7 @@ def classify_beads(positions, shape, r, *, image=None, saturation: float | None 
     """
     shape = tuple(int(s) for s in shape)
     nd = len(shape)
-    pos = _positions(positions, nd)
+    pos = as_positions(positions, nd)
     rv = radius_vector(r, nd)
     half = patch_half_size(rv, nd, r_ext_factor=r_ext_factor)
     reason = np.full(len(pos), "", dtype=object)
@@ -655,7 +688,7 @@ def center_beads(image, positions, r=None, *, sigma=None, max_iter: int = 50,
     """
     img = as_image_array(image)
     nd = img.ndim
-    pos = _positions(positions, nd)
+    pos = as_positions(positions, nd)
     if sigma is not None:
         sig = _sigma_vector(sigma, nd)
     elif r is not None:
@@ -667,10 +700,10 @@ def center_beads(image, positions, r=None, *, sigma=None, max_iter: int = 50,
     half = np.ceil(3 * sig).astype(np.int64) + 2
     ci = np.rint(pos).astype(np.int64)
     win = _gather(img, ci, half).astype(np.float64)
-    border = _normalised_radius(half, half.astype(np.float64)) >= 1.0
+    border = normalised_radius(half, half.astype(np.float64)) >= 1.0
     bg = np.median(win.reshape(len(pos), -1)[:, border.ravel()], axis=1)
     vals = win - bg.reshape((-1,) + (1,) * nd)
-    grids = _offset_grids(half)
+    grids = offset_grids(half)
     t = pos - ci
     for _ in range(max_iter):
         g = [np.exp(-0.5 * ((k[None, :] - t[:, d, None]) / sig[d]) ** 2) for d, k in enumerate(grids)]
@@ -744,7 +777,7 @@ def extract_patches(image, positions, r, *, half_size=None,
     """
     img = as_image_array(image)
     nd = img.ndim
-    pos = _positions(positions, nd)
+    pos = as_positions(positions, nd)
     if len(pos) == 0:
         raise InputError("positions: no beads to extract patches from (0 positions)")
     rv = radius_vector(r, nd)
@@ -776,36 +809,51 @@ def extract_patches(image, positions, r, *, half_size=None,
 # --------------------------------------------------------------------------------------------
 # A-d: compact support
 # --------------------------------------------------------------------------------------------
-def bump_multiplier(shape, r, r_ext=None) -> np.ndarray:
+# The one bump of App. A-d, here where the patches are cut (at r_ext) and used by every step
+# that weighs them: the PSF basis (pcmx.psf_basis, float64), cross-validation, identification
+# and the background study (float32 by default, as the patches).
+def bump_multiplier(shape, r, r_ext=None, *, dtype=np.float32) -> np.ndarray:
     """The radial multiplier of App. A-d on a kernel grid centred at ``size // 2``.
 
-    ``m(t) = 1`` for ``t < r``, ``0`` for ``t > r_ext``, and
+    ``m(t) = 1`` for ``t <= r``, ``0`` for ``t >= r_ext``, and
     ``exp(-1 / (1 - ((t - r) / (r_ext - r))^2) + 1)`` in between, with ``t`` the distance to
-    the centre (per-axis radii: ``t / r`` is ``sqrt(sum_d (k_d / r_d)^2)``).
+    the centre (per-axis radii: ``t / r`` is ``sqrt(sum_d (k_d / r_d)^2)``, and ``r_ext / r``
+    is the mean of the per-axis ratios).
 
     Parameters
     ----------
-    shape : tuple of odd ints
-        Kernel shape, e.g. ``patches.shape[1:]``.
+    shape : tuple of int
+        Kernel shape, e.g. ``patches.shape[1:]`` (odd sides; an even side has offsets
+        ``-n/2 .. n/2 - 1``).
     r : float or sequence
+        Radius (pixels), one number or one per axis.
     r_ext : float or sequence, optional
-        Default ``1.2 r``.
+        Outer radius, at least ``r``. Default ``R_EXT_FACTOR * r`` (1.2 r). ``r_ext = r``
+        gives the indicator of ``t <= r``.
+    dtype : dtype, default float32
+        Output dtype; computed in float64.
 
     Returns
     -------
-    ndarray float32, ``shape``
+    ndarray of ``dtype``, ``shape``
+
+    Raises
+    ------
+    InputError
+        A non-positive radius, or ``r_ext`` smaller than ``r``.
     """
     shape = tuple(int(s) for s in shape)
     nd = len(shape)
     rv = radius_vector(r, nd)
     ext = R_EXT_FACTOR if r_ext is None else float(np.mean(radius_vector(r_ext, nd, name="r_ext") / rv))
-    if ext <= 1:
-        raise InputError(f"r_ext={r_ext!r} must be larger than r={r!r}")
-    half = np.asarray([s // 2 for s in shape])
-    rho = _normalised_radius(half, rv)
-    s = (rho - 1.0) / (ext - 1.0)
-    m = np.zeros(rho.shape)
-    m[rho < 1.0] = 1.0
-    mid = (s >= 0) & (s < 1)
-    m[mid] = np.exp(-1.0 / (1.0 - s[mid] ** 2) + 1.0)
-    return m.astype(np.float32)
+    if ext < 1:
+        raise InputError(f"r_ext={r_ext!r} must not be smaller than r={r!r}")
+    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")
+    t = np.sqrt(sum((g / rd) ** 2 for g, rd in zip(grids, rv, strict=True)))
+    m = np.zeros(shape)
+    m[t <= 1.0] = 1.0
+    if ext > 1.0:
+        mid = (t > 1.0) & (t < ext)
+        s = (t[mid] - 1.0) / (ext - 1.0)
+        m[mid] = np.exp(-1.0 / (1.0 - s * s) + 1.0)
+    return m.astype(dtype, copy=False)

@@ -28,8 +28,9 @@ generators=None, dtype=np.float32, return_spline=False) -> (I, *shape)``
     info (step, measured error).
 ``voronoi_weights(points, domain_shape) -> (M,)``
     Exact areas (volumes in 3D) of the Voronoi cells clipped to the field.
-``default_step(points, domain_shape) -> int``
-    The lattice step chosen from the bead spacing (see ``docs/coefficients.md``).
+
+The lattice, its step (:func:`pcmx.lattice.default_step`) and the separable upsampling live in
+:mod:`pcmx.lattice`, shared with :mod:`pcmx.cone`.
 
 Conventions: positions are in pixel units in array-axis order, ``(y, x)`` or ``(z, y, x)``;
 pixel centres are at integer positions ``0 .. n-1``, the field is the box
@@ -44,16 +45,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg as sla
-from scipy.interpolate import CubicSpline
 from scipy.optimize import minimize_scalar
 from scipy.spatial import ConvexHull, Voronoi
 
+from .cone import project_grid, project_onto_cone
 from .errors import InputError
+from .execution import blas_limit
+from .lattice import adaptive_upsample, check_pixels, default_step, working_dtype
 
 __all__ = [
     "ThinPlateSpline",
     "coefficient_maps",
-    "default_step",
     "fit_tps",
     "voronoi_weights",
 ]
@@ -61,10 +63,6 @@ __all__ = [
 # Delta^2 phi = 8 pi delta for phi = r^2 log r (2D) and phi = -r (3D): the H2 semi-norm of
 # sum_m c_m phi(|. - z_m|) is 8 pi c^T K c, so eq. (9)'s eta enters the system as 8 pi eta / w_m.
 _BIHARMONIC = 8.0 * np.pi
-# Lattice step = bead spacing / _SPACING_PER_STEP, clipped to [_MIN_STEP, _MAX_STEP] pixels.
-# Measured in docs/coefficients.md: max error < 1e-3 of the map's range at GCV smoothing.
-_SPACING_PER_STEP = 4.0
-_MIN_STEP, _MAX_STEP = 4, 32
 # Evaluation chunks: at most this many (node, bead) kernel values in memory at once.
 _CHUNK = 1 << 22
 # Lattice blocks: at most this many lattice nodes evaluated and projected onto the cone at once
@@ -365,7 +363,8 @@ class ThinPlateSpline:
         shape : tuple of int, optional
             Grid shape; ``domain_shape`` by default.
         step : int, optional
-            Lattice spacing in pixels. None: start from :func:`default_step` (bead spacing / 4)
+            Lattice spacing in pixels. None: start from :func:`pcmx.lattice.default_step`
+            (bead spacing / 4)
             and halve it until the sampled error is below ``tol``. 1: exact at every pixel
             (M x N kernel values: small grids only).
         tol : float, default 1e-3
@@ -402,21 +401,12 @@ class ThinPlateSpline:
         return shape
 
 
-def _sample_pixels(tps: ThinPlateSpline, shape: tuple[int, ...]) -> np.ndarray:
-    """Pixels where the lattice interpolation is checked: next to each bead, plus random ones."""
-    hi = np.asarray(shape) - 1
-    near = np.floor(tps.points).astype(np.int64)
-    pix = [near, near + 1]
-    rng = np.random.default_rng(0)
-    pix.append(rng.integers(0, np.asarray(shape), size=(1024, len(shape))))
-    return np.unique(np.clip(np.concatenate(pix), 0, hi), axis=0)
-
-
 def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generators, dtype, project=None):
     """Exact lattice values (projected onto the cone with ``generators``) + separable upsampling.
 
-    With ``step=None`` the step starts at :func:`default_step` (halved for bilinear) and is
-    halved until the PSF-relative error at the sampled pixels is <= tol.
+    With ``step=None`` the step starts at :func:`pcmx.lattice.default_step` (halved for
+    bilinear) and is halved until the PSF-relative error at the sampled pixels is <= tol
+    (:func:`pcmx.lattice.adaptive_upsample`).
     """
     if not (np.isfinite(tol) and tol > 0):
         raise InputError(f"tol: must be a positive number, got {tol}")
@@ -432,7 +422,6 @@ def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generator
     # ``project((N, I) rows) -> rows`` (e.g. pcmx.cone.project_nonnegative)
     project_rows = project_lattice = None
     if generators is not None:
-        from .cone import project_grid, project_onto_cone
 
         def project_rows(rows):
             return project_onto_cone(rows, generators)
@@ -447,199 +436,18 @@ def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generator
             out = np.asarray(project(rows), dtype=vals.dtype)
             return np.moveaxis(out.reshape(*vals.shape[1:], vals.shape[0]), -1, 0)
 
-    kdt = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-    n_out = tps.n_outputs
+    kdt = working_dtype(dtype)
 
-    def lattice_values(nodes):
-        # Exact values (projected onto the cone) block by block, stored in the working
-        # precision of the upsampling (float32 unless dtype is float64: separable_upsample
-        # casts to it anyway), so the peak is one block's temporaries plus the lattice itself.
-        lat = tuple(len(n) for n in nodes)
-        coarse = np.empty((n_out, *lat), dtype=kdt)
-        for sl in _lattice_blocks(lat, _NODE_BLOCK):
-            vals = tps.evaluate_nodes([n[s] for n, s in zip(nodes, sl, strict=True)], kernel_dtype=kdt)
-            if project_lattice is not None:
-                vals = project_lattice(vals)
-            coarse[(slice(None), *sl)] = vals
-        return coarse
+    def evaluate(nodes):
+        vals = tps.evaluate_nodes(nodes, kernel_dtype=kdt)
+        return vals if project_lattice is None else project_lattice(vals)
 
-    sample = _sample_pixels(tps, shape)
+    sample = check_pixels(tps.points, shape)
     exact = tps(sample)
     if project_rows is not None:
         exact = project_rows(exact)
-    while True:
-        nodes = [lattice_nodes(n, step) for n in shape]
-        coarse = None  # the previous (coarser) lattice is not needed any more
-        coarse = lattice_values(nodes)
-        ops = [AxisInterp(nd, n, kind) for nd, n in zip(nodes, shape, strict=True)]
-        approx = _interpolate_samples(coarse, ops, sample)
-        # PSF-relative: with an orthonormal PSF basis, ||delta alpha|| / ||alpha|| is the
-        # relative l2 error of the PSF; normalised by the RMS norm of the sampled vectors.
-        ref = max(float(np.sqrt(np.mean(np.sum(exact * exact, axis=1)))), 1e-300)
-        err = float(np.linalg.norm(approx - exact, axis=1).max() / ref)
-        span = np.maximum(np.ptp(exact, axis=0), 1e-300)
-        per_map = np.abs(approx - exact).max(axis=0) / span
-        all_exact = all(op.identity for op in ops)
-        if not auto or err <= tol or all_exact:
-            break
-        step = max(1, step // 2)
-    if all(op.identity for op in ops):
-        maps = coarse.astype(dtype, copy=False)  # exact at every pixel: no full-size copy
-    else:
-        maps = separable_upsample(coarse, ops, dtype=dtype)
-    del coarse
-    return maps, {"step": step, "max_error": err, "max_error_per_map": per_map,
-                  "n_checked": len(sample)}
-
-
-def _lattice_blocks(lat: tuple[int, ...], limit: int):
-    """Index tuples (one slice per axis) tiling a lattice of shape ``lat`` in C order, each
-    block holding at most ``max(limit, 1)`` nodes: runs of whole rows (slabs) along the first
-    axis, or, when one row is already larger than ``limit``, single rows split further."""
-    limit = max(1, int(limit))
-    inner = int(np.prod(lat[1:]))
-    if len(lat) == 1 or inner <= limit:
-        rows = max(1, limit // max(1, inner))
-        rest = tuple(slice(None) for _ in lat[1:])
-        for s in range(0, lat[0], rows):
-            yield (slice(s, min(s + rows, lat[0])), *rest)
-        return
-    for s in range(lat[0]):
-        for sub in _lattice_blocks(lat[1:], limit):
-            yield (slice(s, s + 1), *sub)
-
-
-def _interpolate_samples(coarse: np.ndarray, ops: list[AxisInterp], sample: np.ndarray) -> np.ndarray:
-    """Interpolated values (S, I) at the sample pixels (S, d) from lattice values (I, *lat).
-
-    In chunks of samples: the first contraction leaves an (I, chunk, *lat[1:]) array, kept
-    below ~_CHUNK values, in ``coarse``'s dtype (no float64 copy of a float32 lattice).
-    """
-    n_out, lat = coarse.shape[0], coarse.shape[1:]
-    flat = coarse.reshape(n_out, lat[0], -1)
-    rest = int(np.prod(lat[1:]))
-    chunk = max(1, _CHUNK // max(1, n_out * rest))
-    approx = np.empty((len(sample), n_out))
-    for s in range(0, len(sample), chunk):
-        smp = sample[s : s + chunk]
-        rows = [op.rows(smp[:, a]).astype(coarse.dtype, copy=False) for a, op in enumerate(ops)]
-        t = np.matmul(rows[0], flat)  # (I, chunk, rest)
-        t = t.reshape(n_out, len(smp), *lat[1:])
-        for r in rows[1:]:  # contract the next axis with each sample's own row
-            t = np.einsum("ing...,ng->in...", t, r)
-        approx[s : s + len(smp)] = t.T
-    return approx
-
-
-# --------------------------------------------------------------------------------------------
-# lattice + separable interpolation (shared with pcmx.cone.project_maps)
-
-
-def lattice_nodes(n: int, step: int, *, integer: bool = False) -> np.ndarray:
-    """Coordinates of a lattice of spacing <= ``step`` from pixel 0 to pixel n - 1.
-
-    ``integer=False``: evenly spaced (possibly fractional) nodes, ``ceil((n-1)/step) + 1`` of
-    them. ``integer=True``: ``0, step, 2 step, ...`` and ``n - 1``. Axes with fewer than
-    5 lattice nodes, or ``step == 1``, use every pixel.
-    """
-    if step <= 1 or n <= 4 * step:
-        return np.arange(n, dtype=np.float64)
-    if integer:
-        return np.unique(np.r_[np.arange(0, n, step), n - 1]).astype(np.float64)
-    return np.linspace(0.0, n - 1.0, int(np.ceil((n - 1) / step)) + 1)
-
-
-class AxisInterp:
-    """Interpolation along one axis, from lattice values at ``nodes`` to pixels ``0 .. n-1``.
-
-    ``kind="cubic"``: not-a-knot cubic spline, as a dense (n, G) matrix (the spline is linear
-    in the data: column g is the spline of the g-th unit vector). ``kind="linear"``: two
-    non-negative weights per pixel summing to one (a convex combination), applied by gathers.
-    Nodes equal to ``0 .. n-1`` make the identity.
-    """
-
-    def __init__(self, nodes: np.ndarray, n: int, kind: str) -> None:
-        self.nodes, self.n, self.kind = np.asarray(nodes, dtype=np.float64), int(n), kind
-        self.identity = len(self.nodes) == n and bool(np.array_equal(self.nodes, np.arange(n)))
-        x = np.arange(n, dtype=np.float64)
-        if self.identity:
-            return
-        if kind == "cubic":
-            self.mat = CubicSpline(self.nodes, np.eye(len(self.nodes)), bc_type="not-a-knot")(x)
-        elif kind == "linear":
-            self.j = np.clip(np.searchsorted(self.nodes, x, side="right") - 1, 0, len(self.nodes) - 2)
-            self.t = (x - self.nodes[self.j]) / (self.nodes[self.j + 1] - self.nodes[self.j])
-        else:
-            raise InputError(f"kind: expected 'cubic' or 'linear', got {kind!r}")
-
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        """Dense interpolation weights (len(idx), G) of the given pixels."""
-        idx = np.asarray(idx, dtype=np.intp)
-        out = np.zeros((len(idx), len(self.nodes)))
-        k = np.arange(len(idx))
-        if self.identity:
-            out[k, idx] = 1.0
-        elif self.kind == "cubic":
-            out[:] = self.mat[idx]
-        else:
-            out[k, self.j[idx]] = 1.0 - self.t[idx]
-            out[k, self.j[idx] + 1] += self.t[idx]
-        return out
-
-    def apply(self, arr: np.ndarray, axis: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Interpolate ``arr`` along ``axis`` (lattice -> pixels), in ``arr``'s float dtype."""
-        if self.identity:
-            if out is None:
-                return arr
-            out[...] = arr
-            return out
-        if self.kind == "cubic":
-            mat = self.mat.astype(arr.dtype, copy=False)
-            if axis == 0 and out is not None:
-                np.matmul(mat, arr.reshape(arr.shape[0], -1), out=out.reshape(self.n, -1))
-                return out
-            res = np.moveaxis(np.tensordot(arr, mat, axes=([axis], [1])), -1, axis)
-            if out is None:
-                return res
-            out[...] = res
-            return out
-        shape = [1] * arr.ndim
-        shape[axis] = self.n
-        w = self.t.astype(arr.dtype).reshape(shape)
-        hi = np.take(arr, self.j + 1, axis=axis)
-        lo = np.take(arr, self.j, axis=axis, out=out)
-        lo *= 1 - w
-        hi *= w
-        lo += hi
-        return lo
-
-
-def separable_upsample(coarse: np.ndarray, ops: list[AxisInterp], *, dtype=np.float32) -> np.ndarray:
-    """Apply one :class:`AxisInterp` per spatial axis to ``coarse`` (I, *lattice).
-
-    float32 arithmetic unless ``dtype`` is float64; trailing axes first (small
-    intermediates), axis 0 last, written straight into the output.
-    """
-    work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-    c = coarse.astype(work, copy=False)
-    out = np.empty((c.shape[0],) + tuple(op.n for op in ops), dtype=work)
-    for i in range(c.shape[0]):
-        t = c[i]
-        for a in range(len(ops) - 1, 0, -1):
-            t = ops[a].apply(t, a)
-        ops[0].apply(t, 0, out=out[i])
-    return out.astype(dtype, copy=False)
-
-
-def default_step(points, domain_shape) -> int:
-    """Lattice step for :meth:`ThinPlateSpline.evaluate_grid`: bead spacing / 4 in [4, 32] px.
-
-    The bead spacing is ``(field volume / M) ** (1/d)``. With GCV smoothing the cubic
-    interpolation error at this step is ~1e-4 of the PSF (measured in ``docs/coefficients.md``).
-    """
-    pts = np.asarray(points)
-    spacing = (float(np.prod(domain_shape)) / max(1, len(pts))) ** (1.0 / len(domain_shape))
-    return int(np.clip(np.floor(spacing / _SPACING_PER_STEP), _MIN_STEP, _MAX_STEP))
+    return adaptive_upsample(evaluate, shape, step, sample=sample, exact=exact,
+                             tol=tol if auto else None, kind=kind, dtype=dtype, block=_NODE_BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -723,14 +531,12 @@ def fit_tps(points, values, *, domain_shape, weights="voronoi", eta=None,
     ``V = Q2 U``. The test suite checks that its eta has an error within 1.35x of the best
     eta on a grid.
     """
-    from threadpoolctl import threadpool_limits
-
     # The dense factorisations (QR, eigh of the (M - d - 1)^2 system) of a few hundred beads
     # are fastest on one BLAS thread, and far faster than on two when the cores are busy:
     # eigh of 590 x 590 measured 0.04-0.06 s on one thread, 4.1-5.2 s on two beside one other
     # busy process (OpenBLAS threads spinning). Thousands of beads keep every thread.
     n = np.shape(points)[0] if np.ndim(points) else 0
-    with threadpool_limits(1 if n < _TPS_THREADED_BEADS else None, user_api="blas"):
+    with blas_limit(1 if n < _TPS_THREADED_BEADS else None):
         return _fit_tps(points, values, domain_shape=domain_shape, weights=weights, eta=eta, gcv=gcv)
 
 
@@ -860,7 +666,7 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
     weights, eta :
         As in :func:`fit_tps`.
     step : int, optional
-        Lattice spacing. None: from :func:`default_step` (halved, at least 2, with
+        Lattice spacing. None: from :func:`pcmx.lattice.default_step` (halved, at least 2, with
         ``generators``: bilinear interpolation is less accurate than cubic), then halved until
         the sampled error is below ``tol`` (see :meth:`ThinPlateSpline.evaluate_grid`).
     tol : float, optional

@@ -34,6 +34,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from .errors import InputError
+from .lattice import AxisInterp, lattice_nodes, separable_upsample
 
 __all__ = [
     "project_nonnegative",
@@ -593,8 +594,6 @@ def project_maps(maps, generators, *, step: int = 8, dtype=None) -> np.ndarray:
     the bilinear interpolation error of the projected maps, O(step^2 |d^2 alpha|) and larger
     where the projection is active (the projected map has kinks there).
     """
-    from .coefficients import AxisInterp, lattice_nodes, separable_upsample
-
     a = np.asarray(maps)
     if a.ndim not in (3, 4):
         raise InputError(f"maps: expected shape (I, ny, nx) or (I, nz, ny, nx), got {a.shape}")

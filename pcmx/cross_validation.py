@@ -5,13 +5,17 @@ held-out bead's normalised patch is predicted at its own position. Real users ha
 truth: this is how they see whether a model is worth it on their microscope.
 
 :func:`cross_validate`
-    One image: the space-varying operator (PSF basis, cone and thin-plate coefficient maps
-    learned without the held-out beads) beside the space-invariant model (the average
-    normalised PSF of the training beads).
+    One image: every fold is fitted by :func:`pcmx.fit.fit_operator`, the fit that
+    :func:`pcmx.learn.learn_operator` stores, with the same options (automatic choices made
+    again on the training beads), so a fold differs from the stored model only by the beads it
+    leaves out; the held-out PSFs are read from the fold's coefficient maps as the stored
+    model's would be. Beside it, the space-invariant reference: the flux-weighted mean of the
+    same training beads' centred, background-free patches.
 :func:`cross_validate_family`
     K images of one microscope in K states (paper II-D): per image, the family learned from
-    the training beads of *all* images (one PCA, per-image maps, SVD to J spatial modes,
-    ``gamma_k``), that image's single operator, and its average PSF, on the same folds.
+    the training beads of *all* images (one PCA, per-image maps under the family's realism
+    policy, the family's SVD to J spatial modes, ``gamma_k``), that image's single operator
+    (as above), and the space-invariant reference, on the same folds.
 """
 
 from __future__ import annotations
@@ -20,11 +24,19 @@ import os
 
 import numpy as np
 import xarray as xr
+from scipy.ndimage import map_coordinates
 
+from .beads import bump_multiplier
+from .coefficients import coefficient_maps
 from .errors import InputError
+from .family import gram_matrix, modes_of_gram, realism_of_family
+from .fit import fit_operator, realism_policy
 from .io.readers import as_image
+from .patches import BeadPatches, bead_patches, pooled_radius, radius_profiles, radius_sample
+from .psf_basis import fit_psf_basis
 
-__all__ = ["cross_validate", "cross_validate_family"]
+__all__ = ["cross_validate", "cross_validate_family", "fold_labels", "heldout_targets",
+           "invariant_reference", "predict_psfs"]
 
 
 def _normalised(patches: np.ndarray) -> np.ndarray:
@@ -33,20 +45,34 @@ def _normalised(patches: np.ndarray) -> np.ndarray:
     return patches / s.reshape((-1,) + (1,) * (patches.ndim - 1))
 
 
-def _folds(m: int, folds: int, seed: int) -> np.ndarray:
+def fold_labels(m: int, folds: int, seed: int) -> np.ndarray:
     """Fold index of each of ``m`` beads: balanced, at random (``seed``)."""
     rng = np.random.default_rng(seed)
     return rng.permutation(np.arange(m) % folds)
 
 
-def _targets(bp) -> np.ndarray:
-    """Sum-one patches on the model's support (the bump of App. A-d), float64 (M, [kz,] ky, kx)."""
-    from .beads import bump_multiplier
+def heldout_targets(bp: BeadPatches) -> np.ndarray:
+    """Sum-one patches on the model's support (the bump of App. A-d), float64 (M, [kz,] ky, kx).
 
+    The model is zero beyond r_ext: predictions are compared on the same support, or the
+    space-invariant reference would be favoured by the noise the bump removes.
+    """
     raw = np.asarray(bp.patches.values, dtype=np.float64)
-    # the model is zero beyond r_ext (App. A-d): compare on the same support, or the average PSF
-    # is favoured by the noise the bump removes
     return _normalised(raw * bump_multiplier(raw.shape[1:], bp.radius))
+
+
+def invariant_reference(bp: BeadPatches) -> np.ndarray:
+    """The space-invariant model of beads ``bp``: the flux-weighted mean of their centred,
+    background-free patches on the model's support, sum one.
+
+    With ``p_m`` the bumped patches and ``f_m`` their fluxes, ``sum_m f_m (p_m / f_m) /
+    sum_m f_m = sum_m p_m / sum_m f_m``: bright beads count by their signal, where an
+    equal-weight mean of normalised patches gives a faint, broad blob the weight of a bright
+    in-focus bead.
+    """
+    raw = np.asarray(bp.patches.values, dtype=np.float64)
+    total = (raw * bump_multiplier(raw.shape[1:], bp.radius)).sum(axis=0)
+    return total / total.sum() if total.sum() != 0 else total
 
 
 def _relative_errors(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -55,87 +81,101 @@ def _relative_errors(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.linalg.norm((pred - truth).reshape(n, -1), axis=1) / norm
 
 
-def _single_fold(bp, target, train, test, *, n_components, realism, eta):
-    """Errors of one image's operator and of its average PSF on the beads ``test``."""
-    from .coefficients import fit_tps
-    from .cone import project_onto_cone, reduce_cone
-    from .psf_basis import fit_psf_basis
+def predict_psfs(coefficients: np.ndarray, psf_basis: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Sum-one PSFs ``sum_i alpha_i(z) h_i`` at sub-pixel ``points (m, ndim)`` (pixels), the maps
+    ``coefficients (I, [nz,] ny, nx)`` read bi/trilinearly; float64 ``(m, [kz,] ky, kx)``."""
+    alpha = np.stack([map_coordinates(np.asarray(c, dtype=np.float64), points.T, order=1,
+                                      mode="nearest") for c in coefficients], axis=1)
+    return _normalised(np.tensordot(alpha, np.asarray(psf_basis, dtype=np.float64), axes=1))
 
-    sub = bp.patches.isel(bead=np.flatnonzero(train))
-    basis = fit_psf_basis(sub, n_components, r=bp.radius)
-    kept = np.asarray(basis["kept"].values, dtype=bool)
-    h = np.asarray(basis["psf_basis"].values, dtype=np.float64)
-    beta = np.asarray(basis["beta"].values, dtype=np.float64)
-    pts = bp.positions[train][kept]
-    tps = fit_tps(pts, beta, domain_shape=bp.shape, eta=eta)
-    pred_beta = np.asarray(tps(bp.positions[test]), dtype=np.float64)
-    if realism:
-        gens = reduce_cone(beta, psf_basis=h.astype(np.float32))
-        pred_beta = project_onto_cone(pred_beta, gens)
-    pred = _normalised(np.tensordot(pred_beta, h, axes=1))  # (m, [kz,] ky, kx)
+
+def _used_beads(bp: BeadPatches, op: xr.Dataset) -> np.ndarray:
+    """Mask of the beads of ``bp`` that the fitted operator ``op`` used (its ``bead_*``)."""
+    dims = ("z", "y", "x")[-bp.positions.shape[1]:]
+    used = np.stack([np.asarray(op[f"bead_{d}"].values) for d in dims], axis=1)
+    key = {tuple(p) for p in used.tolist()}
+    return np.array([tuple(p) in key for p in bp.positions.tolist()], dtype=bool)
+
+
+def _single_fold(bp: BeadPatches, target: np.ndarray, test: np.ndarray, fit_options: dict):
+    """Held-out errors of beads ``test`` under the operator fitted on the others, and under
+    the space-invariant reference fitted on the beads that operator used."""
+    train = bp.subset(~test)
+    op = fit_operator(train, **fit_options)
+    pred = predict_psfs(op["coefficients"].values, op["psf_basis"].values, bp.positions[test])
     truth = target[test]
-    mean_psf = target[train][kept].mean(axis=0)
-    return _relative_errors(pred, truth), _relative_errors(np.broadcast_to(mean_psf, truth.shape), truth)
+    ref = invariant_reference(train.subset(_used_beads(train, op)))
+    return (_relative_errors(pred, truth),
+            _relative_errors(np.broadcast_to(ref, truth.shape), truth),
+            int(op.sizes["component"]))
 
 
-def cross_validate(image, *, folds: int = 5, n_components: int | None = None,
-                   psf_radius: int | None = None, background: str | None = None,
-                   realism: bool = True, eta: float | None = None, seed: int = 0,
-                   pixel_size: str | None = None, _patches=None) -> xr.Dataset:
+def cross_validate(image, *, folds: int = 5, seed: int = 0, n_components: int | None = None,
+                   psf_radius=None, threshold: float | None = None, background: str | None = None,
+                   realism="cone", eta: float | None = None,
+                   pixel_size: str | None = None) -> xr.Dataset:
     """Per-bead relative prediction error of held-out beads, space-varying vs invariant.
 
     Parameters
     ----------
-    image : path, array or DataArray (y, x), or a z-stack (z, y, x) of beads in a gel
+    image : path, array, DataArray (y, x) or (z, y, x), or :class:`pcmx.patches.BeadPatches`
+        A bead image (its beads found by :func:`pcmx.patches.bead_patches`), or its beads
+        already extracted (:func:`pcmx.learn.learn_operator` passes its own: the image is read
+        and the beads detected once).
     folds : int
         k; beads are split at random (``seed``) into k folds.
-    n_components, psf_radius, background, realism, eta :
-        As in :func:`pcmx.learn.learn_operator` (fixed across folds); for a z-stack
-        ``psf_radius`` may be ``(r_z, r_y, r_x)`` (see :func:`pcmx.learn.bead_patches`).
+    n_components, realism, eta :
+        The options of :func:`pcmx.fit.fit_operator`, as given to
+        :func:`pcmx.learn.learn_operator`: each fold makes the automatic choices again on its
+        training beads, as the stored model made them on all beads.
+    psf_radius, threshold, background, pixel_size :
+        The bead steps' options (:func:`pcmx.patches.bead_patches`) when ``image`` is an image.
 
     Returns
     -------
     Dataset
         ``cv_error (bead)`` relative l2 error of the space-varying prediction of each held-out
-        (normalised) bead patch, ``cv_error_invariant (bead)`` the same for the average PSF,
-        ``cv_bead_y``, ``cv_bead_x`` (and ``cv_bead_z`` for a z-stack); attrs with the medians
-        and their ratio.
-
-    Notes
-    -----
-    2D images and z-stacks take the same steps, in three dimensions for stacks: 3D patches
-    ``(bead, kz, ky, kx)``, the PCA basis, the cone and the 3D thin-plate spline of the
-    coefficients fitted on the training beads' ``(z, y, x)`` positions, evaluated at the
-    held-out positions (the values the coefficient maps interpolate there; no map is built).
+        (sum-one, bumped) bead patch, ``cv_error_invariant (bead)`` the same for the
+        space-invariant reference, ``cv_bead_[z,] y, x`` (pixels); attrs with the medians,
+        their ratio ``improvement`` (reference / model) and the components chosen per fold.
 
     Raises
     ------
     InputError
         Fewer than 2 folds or fewer than 2 beads per fold.
     """
-    from .learn import bead_patches
-
-    bp = _patches if _patches is not None else bead_patches(
-        as_image(image, pixel_size=pixel_size), psf_radius=psf_radius, background=background)
+    if isinstance(image, BeadPatches):
+        bp = image
+    else:
+        bp = bead_patches(as_image(image, pixel_size=pixel_size), psf_radius=psf_radius,
+                          threshold=threshold, background=background)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)):
+        raise InputError(f"folds={folds!r}: need an integer of at least 2")
     m = len(bp.positions)
     if folds < 2 or m < 2 * folds:
         raise InputError(f"folds={folds}: need at least 2 folds and 2 beads per fold ({m} beads)")
-    fold_of = _folds(m, folds, seed)
-    target = _targets(bp)
+    fit_options = {"n_components": n_components, "eta": eta, "realism": realism_policy(realism)}
+    fold_of = fold_labels(m, folds, seed)
+    target = heldout_targets(bp)
     err = np.full(m, np.nan)
     err_inv = np.full(m, np.nan)
+    chosen = []
     for f in range(folds):
         test = fold_of == f
-        err[test], err_inv[test] = _single_fold(bp, target, ~test, test, n_components=n_components,
-                                                realism=realism, eta=eta)
+        err[test], err_inv[test], n_i = _single_fold(bp, target, test, fit_options)
+        chosen.append(n_i)
     med, med_inv = float(np.nanmedian(err)), float(np.nanmedian(err_inv))
+    dims = ("z", "y", "x")[-bp.positions.shape[1]:]
     ds = xr.Dataset(
         {"cv_error": ("bead", err.astype(np.float32)),
          "cv_error_invariant": ("bead", err_inv.astype(np.float32)),
-         **{f"cv_bead_{d}": ("bead", bp.positions[:, k])
-            for k, d in enumerate(("z", "y", "x")[-bp.positions.shape[1]:])}},
-        attrs={"folds": int(folds), "median_error": med, "median_error_invariant": med_inv,
-               "improvement": med_inv / med if med > 0 else float("inf"), "n_beads": int(m)},
+         "cv_fold": ("bead", fold_of.astype(np.int16)),
+         **{f"cv_bead_{d}": ("bead", bp.positions[:, k], {"units": "pixel"})
+            for k, d in enumerate(dims)}},
+        attrs={"folds": int(folds), "seed": int(seed), "median_error": med,
+               "median_error_invariant": med_inv,
+               "improvement": med_inv / med if med > 0 else float("inf"), "n_beads": int(m),
+               "n_components": chosen, "invariant_reference": "flux-weighted mean of training beads"},
     )
     return ds
 
@@ -162,41 +202,22 @@ def _family_inputs(images) -> tuple[list, list[str]]:
     return images, labels
 
 
-def _gram(maps: list[np.ndarray], block: int = 1 << 16) -> np.ndarray:
-    """``A A^T`` in float64 of the rows of all maps (each ``(I, *shape)``), by pixel blocks."""
-    rows = [m.reshape(m.shape[0], -1) for m in maps]
-    n = sum(len(r) for r in rows)
-    p = rows[0].shape[1]
-    gram = np.zeros((n, n))
-    for start in range(0, p, block):
-        a = np.concatenate([r[:, start:start + block] for r in rows]).astype(np.float64)
-        gram += a @ a.T
-    return gram
-
-
-def _sample(maps: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Bi/trilinear values of maps ``(n, [nz,] ny, nx)`` at sub-pixel points ``(m, 2 or 3)``: ``(n, m)``."""
-    from scipy.ndimage import map_coordinates
-
-    return np.stack([map_coordinates(mp, points.T, order=1, mode="nearest") for mp in maps])
-
-
 def cross_validate_family(images, *, folds: int = 5, n_components: int | None = None,
                           n_modes: int | None = None, psf_radius: int | None = None,
-                          background: str | None = None, realism: bool | str = "nonnegative",
+                          background: str | None = None, realism="nonnegative",
                           eta: float | None = None, seed: int = 0,
                           pixel_size: str | None = None, mode_rule: str = "capped") -> xr.Dataset:
-    """Held-out bead errors of a family, of each image's own operator and of the average PSF.
+    """Held-out bead errors of a family, of each image's own operator and of the invariant reference.
 
     The beads of every image are split into ``folds`` folds (the split of image k is the one
     :func:`cross_validate` makes with the same ``seed``). For fold f, the beads of fold f of
     *every* image are left out of everything: the one PCA over all images' patches (the shared
-    PSF basis h_i, z-score rejection included), the cone of observed coefficients, each image's
-    coefficient maps alpha_{i,k} and so the SVD to the spatial modes a_j and the gammas
-    (paper II-D-b, steps 2-8). Each held-out bead of image k is then predicted at its position
-    by the family, ``sum_ij gamma_k[i, j] a_j(z) h_i``, by image k's single operator learned
-    from its training beads alone (as in :func:`cross_validate`), and by the average
-    normalised PSF of those beads (the space-invariant model).
+    PSF basis h_i, z-score rejection included), the realism policy's cone or projection, each
+    image's coefficient maps alpha_{i,k} and so the SVD to the spatial modes a_j and the
+    gammas (paper II-D-b, steps 2-8). Each held-out bead of image k is then predicted at its
+    position by the family, ``sum_ij gamma_k[i, j] a_j(z) h_i``, by image k's single operator
+    learned from its training beads alone (exactly as in :func:`cross_validate`), and by the
+    space-invariant reference of those beads (:func:`invariant_reference`).
 
     Parameters
     ----------
@@ -205,17 +226,16 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     folds : int
         k; at least 2, and every image needs at least 2 beads per fold.
     n_components : int, optional
-        I of the family (and of each single operator); the 2.858 * median rule per fold when
-        None (II-E-c).
+        I of the family (and of each single operator); by the rank rule per fold when None.
     n_modes : int, optional
         J; per fold from the maps' singular values by ``mode_rule`` (as in
         :func:`pcmx.family.learn_family`) when None.
     psf_radius : int, optional
         r, shared by all images; when None, from the pooled bead profiles of up to
-        ``pcmx.family.RADIUS_IMAGES`` images, as :func:`pcmx.family.learn_family` does.
-    realism : {"nonnegative", "cone", False}
-        The family's realism projection, as in :func:`pcmx.family.learn_family`; each single
-        operator projects onto its cone unless False.
+        :data:`pcmx.patches.RADIUS_IMAGES` images, as :func:`pcmx.family.learn_family` does.
+    realism : {"nonnegative", "cone", "none"}, bool or :class:`pcmx.fit.Realism`
+        The family's realism policy, as in :func:`pcmx.family.learn_family`; each single
+        operator uses the same policy.
     background, eta :
         As in :func:`pcmx.learn.learn_operator`; fixed across folds and images.
     seed : int
@@ -248,24 +268,11 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     ``gamma_k[i, j] = <alpha_{i,k}, a_j>`` and ``a_j = A^T U[:, j] / s_j``, so the family's
     coefficients are ``U_J U_J^T`` applied to the vector of all K*I maps' values at the bead:
     the prediction needs the maps only at the held-out positions (bilinear) and their Gram
-    matrix, accumulated over pixel blocks. The maps of one fold are held in memory (float32,
-    ``K I ny nx`` values): cross-validate on a subset of images or a crop for very large data.
+    matrix (:func:`pcmx.family.gram_matrix`, :func:`pcmx.family.modes_of_gram`: the family's
+    own SVD). The maps of one fold are held in memory (float32, ``K I ny nx`` values):
+    cross-validate on a subset of images or a crop for very large data.
     """
-    from .coefficients import coefficient_maps
-    from .family import (
-        _cone_generators,
-        _nonnegative_projector,
-        _pooled_radius,
-        _radius_picks,
-        _radius_task,
-        _realism_mode,
-        choose_modes,
-    )
-    from .learn import bead_patches
-    from .psf_basis import fit_psf_basis
-
-    mode = _realism_mode(realism)
-
+    policy = realism_of_family(realism)
     images, labels = _family_inputs(images)
     if len(images) < 2:
         raise InputError(f"images: a family needs at least 2 images, got {len(images)}")
@@ -278,7 +285,7 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
             raise InputError(f"{lab}: shape {im.shape} differs from {shape} of {labels[0]}")
     bps, r = [], psf_radius
     if r is None:
-        r, _ = _pooled_radius([_radius_task(imgs[k], None) for k in _radius_picks(len(imgs))])
+        r, _ = pooled_radius([radius_profiles(imgs[k]) for k in radius_sample(len(imgs))])
     for lab, im in zip(labels, imgs, strict=True):
         try:
             bp = bead_patches(im, psf_radius=r, background=background)
@@ -291,10 +298,11 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
             raise InputError(f"{lab}: folds={folds} needs at least 2 beads per fold, "
                              f"{len(bp.positions)} beads")
     k_count = len(bps)
-    fold_of = [_folds(len(bp.positions), folds, seed) for bp in bps]
-    targets = [_targets(bp) for bp in bps]
+    fold_of = [fold_labels(len(bp.positions), folds, seed) for bp in bps]
+    targets = [heldout_targets(bp) for bp in bps]
     errs = {name: [np.full(len(bp.positions), np.nan) for bp in bps]
             for name in ("family", "single", "invariant")}
+    single_options = {"n_components": n_components, "eta": eta, "realism": policy}
     used_i, used_j = [], []
     for f in range(folds):
         train = [fo != f for fo in fold_of]
@@ -308,43 +316,36 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
         beta = np.asarray(basis["beta"].values, dtype=np.float64)
         owner, positions = owner[kept], positions[kept]
         n_i = h.shape[0]
-        generators = _cone_generators(beta, h) if mode == "cone" else None
-        project = _nonnegative_projector(h) if mode == "nonnegative" else None
+        proj = policy.setup(beta, h)
         maps = []
         for k in range(k_count):
             sel = owner == k
             if sel.sum() < 4:
                 raise InputError(f"{labels[k]}: only {int(sel.sum())} training beads in fold {f}; "
                                  "at least 4 are needed for its coefficient maps")
-            maps.append(coefficient_maps(positions[sel], beta[sel], shape, eta=eta,
-                                         generators=generators, project=project))
-        evals, evecs = np.linalg.eigh(_gram(maps))
-        order = np.argsort(evals)[::-1]
-        sv = np.sqrt(np.clip(evals[order], 0, None))
-        evecs = evecs[:, order]
-        j = n_modes or min(choose_modes(sv, mode_rule), k_count * n_i)
-        if j > k_count * n_i:
-            raise InputError(f"n_modes={n_modes} exceeds K*I = {k_count * n_i}")
-        proj = evecs[:, :j] @ evecs[:, :j].T  # U_J U_J^T
+            maps.append(coefficient_maps(positions[sel], beta[sel], shape, eta=eta, **proj))
+        stacked = np.concatenate(maps)
+        u_j, _, j = modes_of_gram(gram_matrix(stacked), n_modes, mode_rule)
+        proj_j = u_j @ u_j.T  # U_J U_J^T
         used_i.append(int(n_i))
         used_j.append(int(j))
         for k, (bp, fo) in enumerate(zip(bps, fold_of, strict=True)):
             test = fo == f
             pts = bp.positions[test]
-            values = np.concatenate([_sample(mp, pts) for mp in maps]).astype(np.float64)
-            pred_beta = (proj[k * n_i:(k + 1) * n_i] @ values).T
-            pred = _normalised(np.einsum("mi,ijk->mjk", pred_beta, h.astype(np.float64)))
+            values = np.stack([map_coordinates(mp, pts.T, order=1, mode="nearest")
+                               for mp in stacked]).astype(np.float64)
+            pred_beta = (proj_j[k * n_i:(k + 1) * n_i] @ values).T
+            pred = _normalised(np.tensordot(pred_beta, h.astype(np.float64), axes=1))
             truth = targets[k][test]
             errs["family"][k][test] = _relative_errors(pred, truth)
-            errs["single"][k][test], errs["invariant"][k][test] = _single_fold(
-                bp, targets[k], ~test, test, n_components=n_components, realism=mode is not False,
-                eta=eta)
+            errs["single"][k][test], errs["invariant"][k][test], _ = _single_fold(
+                bp, targets[k], test, single_options)
     bead_state = np.concatenate([np.full(len(bp.positions), k) for k, bp in enumerate(bps)])
     flat = {name: np.concatenate(v) for name, v in errs.items()}
     data = {f"cv_error_{name}": ("bead", v.astype(np.float32)) for name, v in flat.items()}
     data.update({
-        "cv_bead_y": ("bead", np.concatenate([bp.positions[:, 0] for bp in bps])),
-        "cv_bead_x": ("bead", np.concatenate([bp.positions[:, 1] for bp in bps])),
+        "cv_bead_y": ("bead", np.concatenate([bp.positions[:, 0] for bp in bps]), {"units": "pixel"}),
+        "cv_bead_x": ("bead", np.concatenate([bp.positions[:, 1] for bp in bps]), {"units": "pixel"}),
         "cv_bead_state": ("bead", bead_state),
         "n_beads": ("state", np.array([len(bp.positions) for bp in bps])),
     })

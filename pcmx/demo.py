@@ -4,7 +4,8 @@ Run as ``python -m pcmx.demo --output demo-output [--overwrite]``. Each step tha
 pcmx runs: the simulator (ground truth and TIFFs), the operator learned from the first
 acquisition (when :mod:`pcmx.learn` is present), the product-convolution engine (the learned
 operator applied to a Dirac comb), and the family of all states (when :mod:`pcmx.family` is
-present). It ends with ``pcmx info`` of each store and PNG figures.
+present). It ends with what ``pcmx info`` prints of each store
+(:func:`pcmx.io.store.describe_store`) and PNG figures.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def main(argv=None) -> int:
 
     import pcmx
     from pcmx import plot
-    from pcmx.cli import main as cli
-    from pcmx.commands.simulate import write_tiff
+    from pcmx.io.store import describe_store
+    from pcmx.io.tiff import write_tiff
     from pcmx.simulate import simulate_beads, true_operator
     from pcmx.units import pixel_size
 
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     print(f"done in {time.perf_counter() - t0:.1f} s; stores in {out}/:")
     for s in stores:
         print(f"\n$ pcmx info {os.path.join(out, s)}")
-        cli(["info", os.path.join(out, s)])
+        print(describe_store(pcmx.open_store(os.path.join(out, s))))
     print(f"\nfigures: {', '.join(sorted(f for f in os.listdir(out) if f.endswith('.png')))}")
     return 0
 

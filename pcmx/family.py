@@ -1,10 +1,11 @@
 """Learn a family of operators from K acquisitions (paper II-D, II-E).
 
-Steps (II-D-b): bead patches of every image (:func:`pcmx.learn.bead_patches`); one PCA over
+Steps (II-D-b): bead patches of every image (:func:`pcmx.patches.bead_patches`); one PCA over
 all patches with z-score rejection and a second PCA (the shared PSF basis h_i,
 :func:`pcmx.psf_basis.fit_psf_basis`); per image the coefficient maps alpha_{i,k} by weighted
-thin-plate splines projected onto the cone of all observed coefficients
-(:func:`pcmx.coefficients.coefficient_maps`); an SVD of the K*I maps to J spatial modes a_j;
+thin-plate splines under the family's realism policy (:class:`pcmx.fit.Realism`: by default
+non-negative PSFs, or the cone of all observed coefficients;
+:func:`pcmx.coefficients.coefficient_maps`); an SVD of the K*I maps to J spatial modes a_j;
 ``gamma_k[i, j] = <alpha_{i,k}, a_j>``; the unit-sum normalised gammas generate the cone of
 admissible operators (II-E-a).
 
@@ -70,15 +71,12 @@ largest magnitude is positive (the matching column of gamma flips with it).
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from collections import Counter
 
@@ -86,12 +84,21 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputError
+from .execution import (active_client, blas_limit, compute_many, progress_bar, run_tasks,
+                        show_progress, task_workers)
+from .io.atomic import atomic_json
+from .io.checkpoint import (entry_path, open_entry, patches_from_group, patches_to_arrays,
+                            prepare_checkpoint, write_entry)
 from .io.readers import PcmxWarning, as_image, read_image
 from .provenance import jsonable, provenance
-from .units import kernel_coords, pixel_size
+from .fit import Realism, realism_policy
+from .patches import bead_patches, pooled_radius, radius_profiles, radius_sample
+from .psf_basis import fit_psf_basis
+from .units import kernel_coords
+from .units import pixel_size as axis_step
 
-__all__ = ["learn_family", "rank_by_threshold", "rank_by_energy", "choose_modes", "GRAM_MAX_ROWS",
-           "MIN_BEADS", "MODE_RULES"]
+__all__ = ["learn_family", "rank_by_threshold", "rank_by_energy", "choose_modes", "gram_matrix",
+           "modes_of_gram", "realism_of_family", "GRAM_MAX_ROWS", "MIN_BEADS", "MODE_RULES"]
 
 #: Largest K*I for which ``svd="auto"`` takes the exact Gram route (the measurement behind it
 #: is in the module docstring).
@@ -100,25 +107,18 @@ GRAM_MAX_ROWS = 500
 MIN_BEADS = 4
 #: Memory budget (bytes, float32) of one spatial block of all K*I maps in the SVD.
 _BLOCK_BYTES = 128 * 2**20
-_CHECKPOINT_VERSION = 3  # 3: realism by non-negativity, spline outlier rejection, pooled r
+_CHECKPOINT_VERSION = 4  # 3: realism by non-negativity, spline outlier rejection, pooled r;
+# 4: the realism policy object (pcmx.fit.Realism) in the manifest
 
 
 #: Relative RMS truncation error of the maps that :func:`rank_by_energy` allows (J).
 MODE_TOLERANCE = 0.01
-#: Images whose bead profiles are pooled to estimate r (evenly spaced over the inputs).
-RADIUS_IMAGES = 8
-#: Realism: predicted PSFs kept >= -REALISM_FLOOR * their peak (both projections).
-REALISM_FLOOR = 0.01
-_REALISM = {"nonnegative": "nonnegative", "cone": "cone", True: "cone", False: False, None: False,
-            "none": False}
-
-
-def _realism_mode(realism):
-    key = realism.lower() if isinstance(realism, str) else realism
-    if isinstance(key, (bool, str)) or key is None:
-        if key in _REALISM:
-            return _REALISM[key]
-    raise InputError(f"realism={realism!r}: expected 'nonnegative', 'cone' or False")
+def realism_of_family(realism) -> Realism:
+    """The family's :class:`pcmx.fit.Realism` policy from what users pass (see
+    :func:`learn_family`); the cone of K states is not capped: the pooled vectors of K states
+    need more generators than one image's (10 states of 22 dim beads: ~100 to reach 1 degree;
+    a cap of 32 left a cone 2-3.5 degrees too small, +30-50% of PSF error)."""
+    return realism_policy(realism)
 
 
 def rank_by_threshold(singular_values, factor: float = 2.858) -> int:
@@ -173,13 +173,13 @@ def _labels(images) -> list[str]:
     return out
 
 
-def _probe(item, label: str, pixel_size_) -> tuple[xr.DataArray | None, str | None]:
+def _probe(item, label: str, pixel_size) -> tuple[xr.DataArray | None, str | None]:
     """Cheap checks of one image (readable, 2D, numeric, finite, not tiny, not constant).
 
     Returns the image (coordinates and shape only are used afterwards) or the cause of failure.
     """
     try:
-        img = as_image(item, pixel_size=pixel_size_)
+        img = as_image(item, pixel_size=pixel_size)
     except InputError as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001  (readers may let a parser's own error through)
@@ -226,157 +226,32 @@ def _input_record(item, label: str) -> dict:
     return {"name": label, "shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": h.hexdigest()}
 
 
-# --------------------------------------------------------------------------- checkpoint files
-
-def _atomic_dir(final: str, write) -> None:
-    """Call ``write(tmp)`` on a hidden sibling of ``final``, then rename it into place."""
-    parent, name = os.path.split(final)
-    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _atomic_json(final: str, obj) -> None:
-    parent, name = os.path.split(final)
-    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump(jsonable(obj), f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def _entry(ckpt: str, step: str, k: int, suffix: str = ".zarr") -> str:
-    return os.path.join(ckpt, step, f"{k:05d}{suffix}")
-
-
-def _open_entry(path: str, fingerprint: str):
-    """The complete checkpoint group at ``path`` made under ``fingerprint``, else None."""
-    import zarr
-
-    if not os.path.isdir(path):
-        return None
-    try:
-        g = zarr.open_group(path, mode="r")
-        if g.attrs.get("fingerprint") != fingerprint or not g.attrs.get("complete"):
-            return None
-        return g
-    except Exception:  # noqa: BLE001  (a damaged entry is redone)
-        return None
-
-
-def _write_group(tmp: str, arrays: dict, attrs: dict, chunks: dict | None = None) -> None:
-    import zarr
-
-    g = zarr.open_group(tmp, mode="w-", zarr_format=3)
-    for name, arr in arrays.items():
-        arr = np.ascontiguousarray(arr)
-        c = (chunks or {}).get(name, arr.shape if arr.size else None)
-        g.create_array(name, data=arr, chunks=tuple(max(int(v), 1) for v in c) if c else "auto",
-                       compressors=None)
-    # written last: an entry without it was interrupted
-    g.attrs.update(jsonable({**attrs, "complete": True}))
-
-
-def _prepare_checkpoint(ckpt: str, manifest: dict, overwrite: bool) -> None:
-    path = os.path.join(ckpt, "manifest.json")
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            old = None
-        if old is not None and old.get("fingerprint") != manifest["fingerprint"]:
-            if not overwrite:
-                raise InputError(
-                    f"checkpoint {ckpt}: made by a run with different arguments or inputs "
-                    f"(differs in: {', '.join(_differences(old, manifest)) or 'fingerprint'}); "
-                    "remove it, or pass overwrite_checkpoint=True (--overwrite) to start afresh")
-            shutil.rmtree(ckpt)
-        elif old is None:
-            shutil.rmtree(ckpt)  # a manifest never completes half-written: the run died at once
-    elif os.path.isdir(ckpt) and os.listdir(ckpt):
-        if not overwrite:
-            raise InputError(f"checkpoint {ckpt}: exists without a manifest.json (not a pcmx "
-                             "checkpoint?); remove it or pass overwrite_checkpoint=True (--overwrite)")
-        shutil.rmtree(ckpt)
-    for step in ("beads", "maps"):
-        os.makedirs(os.path.join(ckpt, step), exist_ok=True)
-    # half-written entries of a killed run: hidden temporary siblings
-    for root in (ckpt, os.path.join(ckpt, "beads"), os.path.join(ckpt, "maps")):
-        for name in os.listdir(root):
-            if name.startswith(".") and ".tmp-" in name:
-                full = os.path.join(root, name)
-                shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
-    if not os.path.exists(path):
-        _atomic_json(path, manifest)
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    out = []
-    oa, na = old.get("arguments", {}), new.get("arguments", {})
-    out += [f"{k}={oa.get(k)!r} -> {na.get(k)!r}" for k in sorted(set(oa) | set(na)) if oa.get(k) != na.get(k)]
-    oi, ni = old.get("inputs", []), new.get("inputs", [])
-    if len(oi) != len(ni):
-        out.append(f"{len(oi)} -> {len(ni)} images")
-    else:
-        out += [f"image {n.get('name')}" for o, n in zip(oi, ni, strict=True) if o != n]
-    return out
-
-
 # --------------------------------------------------------------------------- per-image tasks
 
-def _task_image(item, pixel_size_):
+def _task_image(item, pixel_size):
     """The image of one task as a DataArray (the bead steps use its pixels only)."""
     if isinstance(item, (str, os.PathLike)):
         # a given size keeps the reader from warning about missing metadata in worker threads
-        return read_image(item, pixel_size=pixel_size_ or "1um")
+        return read_image(item, pixel_size=pixel_size or "1um")
     if isinstance(item, xr.DataArray):
         return item
     return xr.DataArray(np.asarray(item), dims=("y", "x"))
 
 
-def _patches_to_arrays(patches: xr.DataArray) -> tuple[dict, dict]:
-    """The patches DataArray as plain arrays (values, coordinates) and JSON metadata."""
-    arrays = {"patches": np.asarray(patches.values)}
-    coords = {}
-    for i, (name, c) in enumerate(patches.coords.items()):
-        arrays[f"coord{i}"] = np.asarray(c.values)
-        coords[f"coord{i}"] = {"name": name, "dims": list(c.dims), "attrs": jsonable(dict(c.attrs))}
-    return arrays, {"dims": list(patches.dims), "attrs": jsonable(dict(patches.attrs)),
-                    "coords": coords}
-
-
-def _patches_from_group(g) -> xr.DataArray:
-    """Inverse of :func:`_patches_to_arrays` (values and coordinates bit for bit)."""
-    meta = g.attrs["patches_meta"]
-    coords = {c["name"]: (tuple(c["dims"]), g[key][...], c["attrs"]) for key, c in meta["coords"].items()}
-    return xr.DataArray(g["patches"][...], dims=tuple(meta["dims"]), coords=coords,
-                        attrs=dict(meta["attrs"]))
-
-
 def _bead_task(item, k: int, label: str, ckpt: str, fingerprint: str, r, background,
-               pixel_size_) -> dict:
+               pixel_size) -> dict:
     """Bead patches of image k, checkpointed; returns a small summary (or the failure)."""
-    from .learn import bead_patches
-
-    path = _entry(ckpt, "beads", k)
-    g = _open_entry(path, fingerprint)
+    path = entry_path(ckpt, "beads", k)
+    g = open_entry(path, fingerprint)
     if g is not None:
         return {"k": k, "radius": int(g.attrs["radius"]), "n": int(g["positions"].shape[0]), "resumed": True}
-    bad = _entry(ckpt, "beads", k, ".bad.json")
+    bad = entry_path(ckpt, "beads", k, ".bad.json")
     if os.path.exists(bad):
         with open(bad) as f:
             rec = json.load(f)
         if rec.get("fingerprint") == fingerprint:
             return {"k": k, "error": rec["error"], "resumed": True}
-    img = _task_image(item, pixel_size_)
+    img = _task_image(item, pixel_size)
     try:
         bp = bead_patches(img, psf_radius=r, background=background)
         if len(bp.positions) < MIN_BEADS:
@@ -387,192 +262,42 @@ def _bead_task(item, k: int, label: str, ckpt: str, fingerprint: str, r, backgro
         for prefix in (f"{source}: ", "image: ", "array: "):  # the label names the image
             if msg.startswith(prefix):
                 msg = msg[len(prefix):]
-        _atomic_json(bad, {"name": label, "error": msg, "fingerprint": fingerprint})
+        atomic_json(bad, {"name": label, "error": msg, "fingerprint": fingerprint})
         return {"k": k, "error": msg, "resumed": False}
-    arrays, meta = _patches_to_arrays(bp.patches)
-    _atomic_dir(path, lambda tmp: _write_group(
-        tmp, {**arrays, "positions": bp.positions},
-        {"fingerprint": fingerprint, "name": label, "radius": int(bp.radius),
-         "counts": bp.counts, "timings_s": bp.timings, "patches_meta": meta}))
+    arrays, meta = patches_to_arrays(bp.patches)
+    write_entry(path, {**arrays, "positions": bp.positions},
+                {"fingerprint": fingerprint, "name": label, "radius": int(bp.radius),
+                 "counts": bp.counts, "timings_s": bp.timings, "patches_meta": meta})
     return {"k": k, "radius": int(bp.radius), "n": len(bp.positions), "resumed": False}
 
 
-def _radius_task(item, pixel_size_):
-    """Bead profiles of one image for :func:`pcmx.beads.pooled_psf_radius` (None: no beads)."""
-    from .beads import detect_beads, estimate_psf_radius
-
+def _radius_task(item, pixel_size):
+    """Bead profiles of one image for the pooled r (:func:`pcmx.patches.radius_profiles`)."""
     try:
-        img = _task_image(item, pixel_size_)
-        work = np.asarray(img.values, dtype=np.float32)
-        positions, _ = detect_beads(work)
-        if len(positions) == 0:
-            return None
-        _, info = estimate_psf_radius(work, positions, return_info=True)
+        img = _task_image(item, pixel_size)
     except InputError:
         return None  # reported by the bead step, which sees the same image
-    if info.get("fallback"):
-        return None
-    return {key: info[key] for key in ("profile", "noise", "n_beads", "radii", "max_radius")}
+    return radius_profiles(img)
 
 
-def _radius_picks(n: int) -> np.ndarray:
-    """Indices of the (at most RADIUS_IMAGES) images, spread over n, whose beads set r."""
-    return np.unique(np.linspace(0, n - 1, min(RADIUS_IMAGES, n)).astype(int))
-
-
-def _pooled_radius(infos) -> tuple[int | None, dict | None]:
-    """r from the :func:`_radius_task` results (None where an image had no beads) and its
-    record for ``pcmx_parameters``; (None, None) when no image had beads."""
-    from .beads import pooled_psf_radius
-
-    infos = [i for i in infos if i is not None]
-    if not infos:
-        return None, None
-    return pooled_psf_radius(infos), {
-        "pooled_from_images": len(infos), "pooled_beads": int(sum(i["n_beads"] for i in infos)),
-        "per_image": [int(np.round(np.median(i["radii"]))) for i in infos]}
-
-
-def _cone_generators(beta, h) -> np.ndarray:
-    """Generators of realism "cone". No cap on their number: the pooled vectors of K states
-    need more than one image's (10 states of 22 dim beads: ~100 to reach 1 degree; a cap of
-    32 left a cone 2-3.5 degrees too small, +30-50% of PSF error)."""
-    from .cone import reduce_cone
-
-    return reduce_cone(beta, psf_basis=h, max_generators=len(beta), floor=REALISM_FLOOR)
-
-
-def _nonnegative_projector(h):
-    """Realism "nonnegative" as the row-wise projector :func:`coefficient_maps` takes."""
-    from .cone import project_nonnegative
-
-    def project(rows):
-        return project_nonnegative(rows, h, floor=REALISM_FLOOR)
-
-    return project
-
-
-def _maps_task(k: int, ckpt: str, fingerprint: str, positions, beta, shape, generators,
-               chunk: int, nonnegative_basis=None) -> dict:
+def _maps_task(k: int, ckpt: str, fingerprint: str, positions, beta, shape, realism_setup: dict,
+               chunk: int) -> dict:
     """Coefficient maps alpha_{i,k} of image k, written (I, c, c)-chunked, uncompressed.
 
-    ``generators``: the cone's (realism "cone"); ``nonnegative_basis``: the PSF basis, for
-    realism by non-negativity (:func:`pcmx.cone.project_nonnegative`)."""
-    from .coefficients import coefficient_maps
-
-    path = _entry(ckpt, "maps", k)
-    g = _open_entry(path, fingerprint)
+    ``realism_setup``: the family's :meth:`pcmx.fit.Realism.setup` (the cone of all images'
+    coefficients, or the non-negativity projection), the same for every image."""
+    path = entry_path(ckpt, "maps", k)
+    g = open_entry(path, fingerprint)
     if g is not None:
         return {"k": k, "resumed": True, "rejected": int(g.attrs.get("rejected", 0))}
-    project = None if nonnegative_basis is None else _nonnegative_projector(nonnegative_basis)
-    maps, _, info = coefficient_maps(positions, beta, tuple(shape), generators=generators,
-                                     project=project, return_spline=True)
+    maps, _, info = coefficient_maps(positions, beta, tuple(shape), return_spline=True,
+                                     **realism_setup)
     n_i = maps.shape[0]
     rejected = int(len(info["rejected"]))
-    _atomic_dir(path, lambda tmp: _write_group(
-        tmp, {"maps": maps.astype(np.float32, copy=False)},
-        {"fingerprint": fingerprint, "rejected": rejected, "lattice_step": int(info["step"])},
-        chunks={"maps": (n_i, min(chunk, shape[0]), min(chunk, shape[1]))}))
+    write_entry(path, {"maps": maps.astype(np.float32, copy=False)},
+                {"fingerprint": fingerprint, "rejected": rejected, "lattice_step": int(info["step"])},
+                chunks={"maps": (n_i, min(chunk, shape[0]), min(chunk, shape[1]))})
     return {"k": k, "resumed": False, "rejected": rejected}
-
-
-# --------------------------------------------------------------------------- execution
-
-def _active_client(client):
-    if client is not None:
-        return client
-    try:
-        from distributed import default_client
-    except ImportError:  # pragma: no cover - distributed is a dependency
-        return None
-    try:
-        return default_client()
-    except ValueError:
-        return None
-
-
-def _bar(progress: bool, total: int, desc: str, unit: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=True)
-
-
-def _one_blas_thread(active: bool):
-    """One BLAS thread per task while tasks run in parallel threads of this process.
-
-    OpenBLAS's own threads fight the task threads: on the 2-core test machine, the Gram of a
-    (100, 331776) block took 4.6 s with 2 BLAS threads and 0.17 s with one. (Workers of a
-    ``dask.distributed`` nanny already start with one BLAS thread.)
-    """
-    if not active:
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a dependency of scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
-
-
-def _run_tasks(fn, arglists: list, *, desc: str, progress: bool, client, workers: int) -> list:
-    """``[fn(*args) for args in arglists]`` on the cluster, a thread pool or in turn."""
-    out = [None] * len(arglists)
-    with _bar(progress, len(arglists), desc, "image") as bar:
-        if client is not None:
-            from distributed import as_completed
-
-            futs = [client.submit(fn, *args, pure=False) for args in arglists]
-            index = {f.key: i for i, f in enumerate(futs)}
-            try:
-                for f in as_completed(futs):
-                    out[index[f.key]] = f.result()
-                    bar.update(1)
-            finally:
-                client.cancel([f for f in futs if not f.done()])
-        elif workers <= 1 or len(arglists) <= 1:
-            for i, args in enumerate(arglists):
-                out[i] = fn(*args)
-                bar.update(1)
-        else:
-            with _one_blas_thread(True), cf.ThreadPoolExecutor(max_workers=workers) as ex:
-                futs = {ex.submit(fn, *args): i for i, args in enumerate(arglists)}
-                try:
-                    for f in cf.as_completed(futs):
-                        out[futs[f]] = f.result()
-                        bar.update(1)
-                except BaseException:
-                    for f in futs:
-                        f.cancel()
-                    raise
-    return out
-
-
-def _compute_many(items: list, *, desc: str, progress: bool, client) -> list:
-    """Compute dask collections/delayed objects, one progress tick per finished item."""
-    import dask
-
-    out = [None] * len(items)
-    with _bar(progress, len(items), desc, "block") as bar:
-        if client is not None:
-            from distributed import as_completed
-
-            futs = client.compute(items)
-            index = {f.key: i for i, f in enumerate(futs)}
-            for f in as_completed(futs):
-                out[index[f.key]] = f.result()
-                bar.update(1)
-            return out
-        from dask.callbacks import Callback
-
-        keys = {it.key for it in items}  # dask.delayed objects
-
-        class _Tick(Callback):
-            def _posttask(self, key, result, dsk, state, id):  # noqa: A002
-                if key in keys:
-                    bar.update(1)
-
-        with _Tick(), _one_blas_thread(len(items) > 1):
-            res = dask.compute(*items)
-        return list(res)
 
 
 # --------------------------------------------------------------------------- SVD routes
@@ -586,14 +311,42 @@ def _block_slices(shape, chunk: int) -> list[tuple[slice, slice]]:
 _PANEL = 1 << 14  # pixels per float64 panel inside a block
 
 
-def _gram_block(blk) -> np.ndarray:
-    """``B B^T`` of one (K*I, c, c) block, in float64 panel by panel (no float64 copy of B)."""
+def gram_matrix(blk) -> np.ndarray:
+    """``B B^T`` in float64 of the rows of ``blk`` (K*I maps, any spatial shape), panel by panel
+    (no float64 copy of B): the family's Gram matrix, or one spatial block's share of it."""
     b = np.asarray(blk).reshape(blk.shape[0], -1)
     g = np.zeros((b.shape[0], b.shape[0]))
     for start in range(0, b.shape[1], _PANEL):
         p = b[:, start:start + _PANEL].astype(np.float64)
         g += p @ p.T
     return g
+
+
+def modes_of_gram(gram: np.ndarray, n_modes: int | None = None, mode_rule: str = "capped"):
+    """The family's SVD from the Gram matrix ``A A^T`` of its K*I maps (II-D-b).
+
+    Returns
+    -------
+    u : ndarray (K*I, J)
+        The first J left singular vectors of A (eigenvectors of the Gram matrix, decreasing).
+    singular_values : ndarray (K*I,)
+        All singular values of A, decreasing.
+    j : int
+        J: ``n_modes``, or chosen by ``mode_rule`` (:func:`choose_modes`).
+
+    Raises
+    ------
+    InputError
+        ``n_modes`` larger than K*I.
+    """
+    evals, evecs = np.linalg.eigh(gram)
+    order = np.argsort(evals)[::-1]
+    evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
+    sv = np.sqrt(evals)
+    if n_modes is not None and n_modes > len(sv):
+        raise InputError(f"n_modes={n_modes} exceeds K*I = {len(sv)}")
+    j = int(n_modes or min(choose_modes(sv, mode_rule), len(sv)))
+    return evecs[:, :j], sv, j
 
 
 def _project_block(blk, proj) -> np.ndarray:
@@ -615,7 +368,7 @@ def _modes_from(maps, shape, chunk, proj, *, progress, client) -> np.ndarray:
     import dask
 
     blocks = _blocks(maps, shape, chunk)
-    parts = _compute_many([dask.delayed(_project_block)(b, proj) for b in blocks],
+    parts = compute_many([dask.delayed(_project_block)(b, proj) for b in blocks],
                           desc="SVD (modes)", progress=progress, client=client)
     modes = np.empty((proj.shape[1], *shape), np.float32)
     for (ys, xs), p in zip(_block_slices(shape, chunk), parts, strict=True):
@@ -627,18 +380,13 @@ def _svd_gram(maps, shape, chunk, n_modes, *, progress, client, mode_rule="cappe
     import dask
 
     blocks = _blocks(maps, shape, chunk)
-    parts = _compute_many([dask.delayed(_gram_block)(b) for b in blocks],
+    parts = compute_many([dask.delayed(gram_matrix)(b) for b in blocks],
                           desc="SVD (Gram)", progress=progress, client=client)
-    gram = np.sum(parts, axis=0)
-    evals, evecs = np.linalg.eigh(gram)
-    order = np.argsort(evals)[::-1]
-    evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
-    sv = np.sqrt(evals)
-    j = n_modes or min(choose_modes(sv, mode_rule), len(sv))
-    proj = evecs[:, :j] / np.where(sv[:j] > 0, sv[:j], 1.0)
+    u, sv, j = modes_of_gram(np.sum(parts, axis=0), n_modes, mode_rule)
+    proj = u / np.where(sv[:j] > 0, sv[:j], 1.0)
     modes = _modes_from(maps, shape, chunk, proj, progress=progress, client=client)
-    # gamma_k[i, j] = <alpha_{i,k}, a_j> = s_j V[k*I + i, j] (no third pass over the maps)
-    return modes, evecs[:, :j] * sv[:j], sv
+    # gamma_k[i, j] = <alpha_{i,k}, a_j> = s_j U[k*I + i, j] (no third pass over the maps)
+    return modes, u * sv[:j], sv
 
 
 def _svd_randomized(maps, shape, chunk, n_modes, *, power_iterations, oversamples, seed,
@@ -657,11 +405,11 @@ def _svd_randomized(maps, shape, chunk, n_modes, *, power_iterations, oversample
     u, s, v = da.linalg.svd_compressed(mat, k=k, n_power_iter=power_iterations,
                                        iterator="QR" if power_iterations else "power",
                                        n_oversamples=oversamples, seed=seed)
-    with _bar(progress, 1, "SVD (randomized)", "step") as bar:
+    with progress_bar(progress, 1, "SVD (randomized)", "step") as bar:
         if client is not None:
             u, s, v = client.compute([u, s, v], sync=True)
         else:
-            with _one_blas_thread(True):
+            with blas_limit(1):
                 u, s, v = dask.compute(u, s, v)
         bar.update(1)
     modes = np.empty((k, *shape), np.float32)
@@ -692,12 +440,12 @@ def _svd_chunk(n_rows: int, shape) -> int:
 # --------------------------------------------------------------------------- the pipeline
 
 def learn_family(images, *, n_components: int | None = None, n_modes: int | None = None,
-                 psf_radius: int | None = None, pixel_size_: str | None = None,
-                 background: str | None = None, realism: bool | str = "nonnegative",
+                 psf_radius: int | None = None, pixel_size: str | None = None,
+                 background: str | None = None, realism: Realism | str | bool = "nonnegative",
                  scratch: str | None = None, chunk: int | None = None,
                  checkpoint: str | os.PathLike | None = None, overwrite_checkpoint: bool = False,
                  skip_bad: bool = False, svd: str = "auto", power_iterations: int = 2,
-                 oversamples: int = 10, seed: int = 0, progress: bool = False,
+                 oversamples: int = 10, seed: int = 0, progress: bool | None = None,
                  client=None, workers: int | None = None,
                  mode_rule: str = "capped") -> xr.Dataset:
     """Learn the family of a microscope's operators from K bead images (paper II-D).
@@ -723,11 +471,11 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         pooled bead profiles of up to ``RADIUS_IMAGES`` images spread over the inputs
         (:func:`pcmx.beads.pooled_psf_radius`: the PCA over many patches sees wings that each
         dim bead's profile hides; reported in ``pcmx_parameters["psf_radius_estimate"]``).
-    pixel_size_ : str, optional
+    pixel_size : str, optional
         e.g. ``"65nm"`` when the files lack it.
     background : str, optional
-        Background estimator of :func:`pcmx.learn.bead_patches`.
-    realism : {"nonnegative", "cone", False}, default "nonnegative"
+        Background estimator of :func:`pcmx.patches.bead_patches`.
+    realism : {"nonnegative", "cone", "none"}, bool or :class:`pcmx.fit.Realism`
         The realism projection of each image's maps (App. C-b), applied at the lattice nodes
         of the maps before bilinear upsampling. ``"nonnegative"``: each coefficient vector
         moved to the nearest one whose PSF is >= -1% of its peak
@@ -738,7 +486,7 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         simulator's truth the cone costs +11% of PSF error on dim beads with the 12
         components a family needs (its hull of a few hundred noisy 12-vectors is thin),
         the non-negativity projection nothing measurable (``docs/family.md``).
-        False: no projection.
+        "none" or False: no projection.
     scratch : str, optional
         Parent directory of the temporary scratch (the system's temporary directory by
         default); unused with ``checkpoint``.
@@ -763,15 +511,16 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         The SVD route (module docstring); "auto" picks by K*I.
     power_iterations, oversamples, seed :
         Of the randomized route (:func:`dask.array.linalg.svd_compressed`).
-    progress : bool
-        Show a progress bar per step (:mod:`tqdm.auto`: terminal or notebook).
+    progress : bool, optional
+        Show a progress bar per step (:mod:`tqdm.auto`: terminal or notebook); None: the
+        option ``progress`` (:func:`pcmx.set_options`, default False).
     client : distributed.Client, optional
         Cluster for the per-image tasks and the SVD; by default the active Client if any. The
         workers read the images and write and read the checkpoint (or the scratch, in
         ``scratch``): both must be on a filesystem they see.
     workers : int, optional
         Threads for the per-image tasks without a Client (default: dask's ``num_workers``
-        setting or the number of CPUs); 1 runs them in turn.
+        setting or the option ``threads``); 1 runs them in turn.
 
     Returns
     -------
@@ -789,10 +538,8 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         Fewer than 2 usable images; a bad image without ``skip_bad`` (named, with the cause);
         a checkpoint made with other arguments or inputs; bad ``svd``/``n_modes``.
     """
-    from .psf_basis import fit_psf_basis
-
     t_all = time.perf_counter()
-    realism = _realism_mode(realism)
+    policy = realism_of_family(realism)
     if mode_rule not in MODE_RULES:
         raise InputError(f"mode_rule={mode_rule!r}: expected one of {', '.join(map(repr, MODE_RULES))}")
     if svd not in ("auto", "gram", "randomized"):
@@ -815,18 +562,16 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
     if len(images) < 2:
         raise InputError(f"a family needs at least 2 images, got {len(images)}")
     labels = labels or _labels(images)
-    client = _active_client(client)
-    if workers is None:
-        import dask
-
-        workers = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    client = active_client(client)
+    workers = task_workers(workers)
+    progress = show_progress(progress)
     t = {}
 
     # 1. cheap checks of every image before any heavy work
     t0 = time.perf_counter()
     probed, bad = {}, {}
     for k, (lab, item) in enumerate(zip(labels, images, strict=True)):
-        img, why = _probe(item, lab, pixel_size_)
+        img, why = _probe(item, lab, pixel_size)
         if why is None:
             probed[k] = img
         else:
@@ -840,13 +585,13 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
     _handle_bad(bad, labels, skip_bad, len(images), "cannot be used")
     first = probed[min(probed)]
     ycoord, xcoord = first["y"], first["x"]
-    py, px = pixel_size(first, "y"), pixel_size(first, "x")
+    py, px = axis_step(first, "y"), axis_step(first, "x")
     probed = sorted(probed)  # the indices of the images that passed
     t["checks"] = time.perf_counter() - t0
 
     # 2. checkpoint directory and its manifest
-    arguments = {"n_components": n_components, "psf_radius": psf_radius, "pixel_size": pixel_size_,
-                 "background": background, "realism": realism, "min_beads": MIN_BEADS,
+    arguments = {"n_components": n_components, "psf_radius": psf_radius, "pixel_size": pixel_size,
+                 "background": background, "realism": policy.record(), "min_beads": MIN_BEADS,
                  "checkpoint_version": _CHECKPOINT_VERSION}
     own = checkpoint is None
     if own:
@@ -868,16 +613,15 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
             for step in ("beads", "maps"):
                 os.makedirs(os.path.join(ckpt, step))
         else:
-            _prepare_checkpoint(ckpt, manifest, overwrite_checkpoint)
+            prepare_checkpoint(ckpt, manifest, overwrite_checkpoint)
         return _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all,
                          n_components=n_components, n_modes=n_modes, mode_rule=mode_rule,
                          psf_radius=psf_radius,
-                         pixel_size_=pixel_size_, background=background, realism=realism,
+                         pixel_size=pixel_size, background=background, realism=policy,
                          chunk=chunk, skip_bad=skip_bad, svd=svd,
                          power_iterations=power_iterations, oversamples=oversamples, seed=seed,
                          progress=progress, client=client, workers=workers,
-                         coords=(ycoord, xcoord, py, px), ref_shape=ref_shape,
-                         fit_psf_basis=fit_psf_basis)
+                         coords=(ycoord, xcoord, py, px), ref_shape=ref_shape)
     finally:
         if own:
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -900,9 +644,8 @@ def _handle_bad(bad: dict, labels, skip_bad: bool, total: int, what: str, usable
 
 
 def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_components,
-              n_modes, mode_rule, psf_radius, pixel_size_, background, realism, chunk, skip_bad, svd,
-              power_iterations, oversamples, seed, progress, client, workers, coords, ref_shape,
-              fit_psf_basis):
+              n_modes, mode_rule, psf_radius, pixel_size, background, realism, chunk, skip_bad, svd,
+              power_iterations, oversamples, seed, progress, client, workers, coords, ref_shape):
     import dask.array as da
     import zarr
 
@@ -915,22 +658,22 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
     r = psf_radius
     radius_info = None
     if r is None:
-        infos = _run_tasks(_radius_task, [(images[probed[i]], pixel_size_) for i in _radius_picks(len(probed))],
+        infos = run_tasks(_radius_task, [(images[probed[i]], pixel_size) for i in radius_sample(len(probed))],
                            desc="PSF radius", progress=progress, client=client, workers=workers)
-        r, radius_info = _pooled_radius(infos)
+        r, radius_info = pooled_radius(infos)
     todo = list(probed)
-    with _bar(progress and r is None, 1, "beads (radius)", "image") as bar:
+    with progress_bar(progress and r is None, 1, "beads (radius)", "image") as bar:
         while r is None and todo:
             k = todo.pop(0)
-            (s,) = _run_tasks(_bead_task, [(images[k], k, labels[k], ckpt, fingerprint, None,
-                                            background, pixel_size_)],
+            (s,) = run_tasks(_bead_task, [(images[k], k, labels[k], ckpt, fingerprint, None,
+                                            background, pixel_size)],
                               desc="beads (radius)", progress=False, client=client, workers=1)
             summaries[k] = s
             if "error" not in s:
                 r = s["radius"]
                 bar.update(1)
-    args = [(images[k], k, labels[k], ckpt, fingerprint, r, background, pixel_size_) for k in todo]
-    for s in _run_tasks(_bead_task, args, desc="beads", progress=progress, client=client,
+    args = [(images[k], k, labels[k], ckpt, fingerprint, r, background, pixel_size) for k in todo]
+    for s in run_tasks(_bead_task, args, desc="beads", progress=progress, client=client,
                         workers=workers):
         summaries[s["k"]] = s
     heavy_bad = {k: s["error"] for k, s in summaries.items() if "error" in s}
@@ -943,15 +686,15 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
 
     # 4. shared PSF basis over the patches of all usable images (in image order)
     t0 = time.perf_counter()
-    with _bar(progress, 1, "PSF basis", "step") as bar:
+    with progress_bar(progress, 1, "PSF basis", "step") as bar:
         basis_fp = hashlib.sha256(f"{fingerprint}:{good}:{n_components}".encode()).hexdigest()
         bpath = os.path.join(ckpt, "basis.zarr")
-        g = _open_entry(bpath, basis_fp)
+        g = open_entry(bpath, basis_fp)
         if g is None:
             patches, positions, owner = [], [], []
             for k in good:
-                e = zarr.open_group(_entry(ckpt, "beads", k), mode="r")
-                patches.append(_patches_from_group(e))
+                e = zarr.open_group(entry_path(ckpt, "beads", k), mode="r")
+                patches.append(patches_from_group(e))
                 positions.append(e["positions"][...])
                 owner.append(np.full(len(positions[-1]), k))
             # as bead_patches made them: coordinates (bead_y, bead_x, ky, kx) and attrs travel
@@ -963,13 +706,12 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
             h = np.asarray(basis["psf_basis"].values, dtype=np.float32)
             beta = np.asarray(basis["beta"].values, dtype=np.float64)
             psv = np.asarray(basis["singular_values"].values)
-            generators = (_cone_generators(beta, h) if realism == "cone"
+            generators = (realism.setup(beta, h)["generators"] if realism.kind == "cone"
                           else np.zeros((0, h.shape[0])))
-            _atomic_dir(bpath, lambda tmp: _write_group(
-                tmp, {"psf_basis": h, "beta": beta, "positions": positions[kept],
-                      "owner": owner[kept], "singular_values": psv,
-                      "generators": np.asarray(generators, dtype=np.float64)},
-                {"fingerprint": basis_fp, "n_patches": int(len(kept))}))
+            write_entry(bpath, {"psf_basis": h, "beta": beta, "positions": positions[kept],
+                                "owner": owner[kept], "singular_values": psv,
+                                "generators": np.asarray(generators, dtype=np.float64)},
+                        {"fingerprint": basis_fp, "n_patches": int(len(kept))})
             resumed["basis"] = False
         else:
             resumed["basis"] = True
@@ -979,7 +721,8 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
         positions = g["positions"][...]
         owner = g["owner"][...]
         psv = g["singular_values"][...]
-        generators = g["generators"][...] if realism == "cone" else None
+        setup = ({"generators": g["generators"][...], "project": None} if realism.kind == "cone"
+                 else realism.setup(beta, h))
         n_patches = int(g.attrs["n_patches"])
         bar.update(1)
     n_i = h.shape[0]
@@ -996,10 +739,9 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
     n_rows = len(good) * n_i
     c = int(chunk) if chunk else _svd_chunk(n_rows, shape)
     maps_fp = hashlib.sha256(f"{basis_fp}:{c}".encode()).hexdigest()
-    project = h if realism == "nonnegative" else None
-    args = [(k, ckpt, maps_fp, positions[owner == k], beta[owner == k], shape, generators, c,
-             project) for k in good]
-    ms = _run_tasks(_maps_task, args, desc="maps", progress=progress, client=client, workers=workers)
+    args = [(k, ckpt, maps_fp, positions[owner == k], beta[owner == k], shape, setup, c)
+            for k in good]
+    ms = run_tasks(_maps_task, args, desc="maps", progress=progress, client=client, workers=workers)
     resumed["maps"] = sum(bool(s.get("resumed")) for s in ms)
     # beads left out of each image's spline as gross outliers (coefficient_maps' outlier_z)
     map_outliers = {labels[s["k"]]: s["rejected"] for s in ms if s.get("rejected")}
@@ -1007,7 +749,7 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
 
     # 6. SVD of the K*I maps, streamed block by block
     t0 = time.perf_counter()
-    maps = da.concatenate([da.from_zarr(_entry(ckpt, "maps", k), component="maps") for k in good],
+    maps = da.concatenate([da.from_zarr(entry_path(ckpt, "maps", k), component="maps") for k in good],
                           axis=0)
     route = svd if svd != "auto" else ("gram" if n_modes is None or n_rows <= GRAM_MAX_ROWS else "randomized")
     if n_modes is not None and n_modes > n_rows:
@@ -1047,7 +789,7 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
     params = {"n_components": int(n_i), "n_modes": int(j),
               "mode_rule": None if n_modes is not None else mode_rule, "psf_radius": int(r),
               "psf_radius_estimate": radius_info, "map_outliers": map_outliers,
-              "realism": realism, "background": background or "default", "svd": route,
+              "realism": realism.record(), "background": background or "default", "svd": route,
               "svd_chunk": c, "n_patches": n_patches, "n_images": n_images,
               "skipped": skipped, "resumed": resumed,
               "scheduler": "distributed" if client is not None else f"threads ({workers})",

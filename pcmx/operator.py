@@ -36,15 +36,15 @@ import math
 import os
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import xarray as xr
 
 from . import _backend
 from .errors import InputError, PcmxError
+from .execution import spectrum_cache, thread_pool
+from .options import get_options
 
 __all__ = ["ProductConvolution", "blur", "clear_cache"]
 
@@ -56,74 +56,31 @@ _PAD_MODE = {"reflect": "symmetric", "periodic": "wrap"}
 
 
 # --------------------------------------------------------------------------------------------
-# Kernel spectra cache (per process; shared by all operators and threads)
+# Kernel spectra: one process-wide cache (pcmx.execution.spectrum_cache), shared by all
+# operators, tiles and threads. Keys name the kernels (a token of their values), the padded
+# FFT shape, the dtype, the array library and the direction.
 # --------------------------------------------------------------------------------------------
-class _SpectrumCache:
-    """An LRU cache of kernel spectra bounded in bytes, safe under threads.
-
-    Keys name the kernels (a token of their values), the padded FFT shape, the dtype, the
-    array library and the direction, so operators, tiles and Dask workers share entries.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = int(max_bytes)
-        self._data: OrderedDict = OrderedDict()
-        self._nbytes = 0
-        self._lock = threading.RLock()  # conjugate spectra are made from cached ones
-
-    def get(self, key, factory):
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-            value = factory()
-            self._data[key] = value
-            self._nbytes += int(value.nbytes)
-            while self._nbytes > self.max_bytes and len(self._data) > 1:
-                _, old = self._data.popitem(last=False)
-                self._nbytes -= int(old.nbytes)
-            return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self._nbytes = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self._nbytes
-
-
-_CACHE = _SpectrumCache(int(os.environ.get("PCMX_SPECTRUM_CACHE_MB", "2048")) * 2**20)
-
-
 def clear_cache() -> None:
-    """Forget all cached kernel spectra (they are recomputed on the next application)."""
-    _CACHE.clear()
+    """Forget all cached kernel spectra (they are recomputed on the next application).
+
+    The cache is bounded by the option ``spectrum_cache_mb`` (:func:`pcmx.set_options`).
+    """
+    spectrum_cache.clear()
 
 
 # --------------------------------------------------------------------------------------------
-# Elementwise work on all cores (NumPy ufuncs release the GIL); CuPy runs them as they are
+# Elementwise work on the pool's threads (NumPy ufuncs release the GIL); CuPy runs as it is
 # --------------------------------------------------------------------------------------------
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-_BLOCK_BYTES = 1 << 18
-_MIN_THREADED_PIXELS = 1 << 16  # smaller images: one block, the threads would cost more  # rows per step of a fused operation: a few hundred KiB stay in L2
+_BLOCK_BYTES = 1 << 18  # rows per step of a fused operation: a few hundred KiB stay in L2
+_MIN_THREADED_PIXELS = 1 << 16  # smaller images: one block, the threads would cost more
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=_cpu_count(), thread_name_prefix="pcmx")
-        return _POOL
+def _threads(workers: int | None) -> int | None:
+    """Threads for a ``workers`` argument: None stays None (one), a negative number is the
+    option ``threads`` (default: the cores this process may use)."""
+    if workers is None:
+        return None
+    return get_options()["threads"] if workers < 0 else max(int(workers), 1)
 
 
 class _Elementwise:
@@ -136,10 +93,7 @@ class _Elementwise:
 
     def __init__(self, xp, workers) -> None:
         self.xp = xp
-        if xp is not np or workers is None:
-            self.threads = 1
-        else:
-            self.threads = _cpu_count() if workers < 0 else max(int(workers), 1)
+        self.threads = 1 if xp is not np or workers is None else _threads(workers)
 
     def _run(self, shape, fn, itemsize) -> None:
         axis = 0 if shape[0] >= 2 * self.threads or len(shape) == 1 else 1
@@ -158,7 +112,7 @@ class _Elementwise:
             work(0, n)
             return
         step = -(-n // (4 * self.threads))
-        list(_pool().map(lambda a: work(a, min(a + step, n)), range(0, n, step)))
+        list(thread_pool().map(lambda a: work(a, min(a + step, n)), range(0, n, step)))
 
     def multiply(self, a, b, out) -> None:
         """``out = a * b``."""
@@ -288,8 +242,9 @@ class ProductConvolution:
         computed in float64.
     workers : int, optional
         Threads of the FFTs (``scipy.fft`` ``workers``) and of the elementwise products of an
-        in-memory application; -1: all cores, None: one. Dask tiles run on one thread
-        each, the scheduler providing the parallelism.
+        in-memory application; -1: the option ``threads`` (:func:`pcmx.set_options`; default
+        all cores), None: one. Dask tiles run on one thread each, the scheduler providing the
+        parallelism.
     check_finite : bool
         Reject NaN/inf in the kernels and maps (reads lazily stored maps once).
 
@@ -540,7 +495,7 @@ class ProductConvolution:
         number of cores, since each tile runs on one thread); each tile plus its halo is then
         grown to a fast FFT length when that adds no tile.
         """
-        min_tiles = _cpu_count() if min_tiles is None else int(min_tiles)
+        min_tiles = get_options()["threads"] if min_tiles is None else int(min_tiles)
         return self._plan_tiles(self.shape, min_tiles, target_elements)
 
     def _plan_tiles(self, shape, min_tiles: int, target_elements: float) -> tuple[int, ...]:
@@ -698,7 +653,7 @@ class ProductConvolution:
         def compute():
             if conj:
                 return xp.conj(self._spectra(fshape, rdtype, xp, fft, False))
-            kw = _backend.fft_kwargs(fft, self.workers)
+            kw = _backend.fft_kwargs(fft, _threads(self.workers))
             index = xp.ix_(*[xp.asarray((np.arange(k) - r) % p)
                              for k, r, p in zip(self.kernel_shape, self.radius, fshape, strict=True)])
             buf = xp.zeros(fshape, dtype=rdtype)
@@ -712,7 +667,7 @@ class ProductConvolution:
                 out[i] = spec
             return out
 
-        return _CACHE.get(key, compute)
+        return spectrum_cache.get(key, compute)
 
     # -- the numerical core (NumPy or CuPy) -----------------------------------------------------
     def _inverse_crop(self, z, fshape, offset, out_shape, fft, kw):
@@ -732,7 +687,7 @@ class ProductConvolution:
         output; ``u.shape`` gives the circular convolution).
         """
         xp, fft = _backend.xp(u), _backend.fft_module(u)
-        kw = _backend.fft_kwargs(fft, workers)
+        kw = _backend.fft_kwargs(fft, _threads(workers))
         ew = _Elementwise(xp, workers)
         rdtype = alpha.dtype
         fshape = fshape or self._fft_shape(u.shape, offset, out_shape)
@@ -756,7 +711,7 @@ class ProductConvolution:
     def _adjoint_block(self, v, v_offset, fshape, out_offset, out_shape, alpha_out, workers=-1):
         """``sum_i alpha_out_i . crop(h_i^flip (*) v)`` for ``v`` placed at ``v_offset``."""
         xp, fft = _backend.xp(v), _backend.fft_module(v)
-        kw = _backend.fft_kwargs(fft, workers)
+        kw = _backend.fft_kwargs(fft, _threads(workers))
         ew = _Elementwise(xp, workers)
         rdtype = alpha_out.dtype
         spectra = self._spectra(fshape, rdtype, xp, fft, conj=True)
@@ -851,7 +806,7 @@ class ProductConvolution:
                 res = self._forward_block(block, alpha[(slice(None), *src)], offset, out_shape, workers=1)[0]
             out[tuple(slice(a, b) for a, b in span)] = res
 
-        list(_pool().map(one, tiles))
+        list(thread_pool().map(one, tiles))
         if adjoint and reflect:
             return np.ascontiguousarray(_fold_symmetric(out, r))
         return out

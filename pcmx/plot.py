@@ -34,7 +34,8 @@ def psf_grid(ds: xr.Dataset, n: int = 5, *, state=None, gamma: float = 0.5, ax=N
     for y in ys:
         row = []
         for x in xs:
-            psf = np.asarray(psf_at(ds, y=y, x=x, state=state, index=True).values, dtype=np.float64)
+            mid = {"z": spatial.sizes["z"] // 2} if "z" in spatial.dims else {}  # 3D: the middle plane
+            psf = np.asarray(psf_at(ds, y=y, x=x, state=state, index=True, **mid).values, dtype=np.float64)
             if psf.ndim == 3:
                 psf = psf[psf.shape[0] // 2]
             psf = np.clip(psf, 0, None)

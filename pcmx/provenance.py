@@ -44,8 +44,9 @@ def jsonable(value):
         return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
         return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
+    if isinstance(value, np.generic):  # via .item(), so numpy NaN/inf become strings like float's
+        item = value.item()
+        return repr(value) if isinstance(item, np.generic) else jsonable(item)  # longdouble stays numpy
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, float) and not np.isfinite(value):

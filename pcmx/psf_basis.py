@@ -47,15 +47,13 @@ import numbers
 import numpy as np
 import xarray as xr
 
-from .beads import KERNEL_DIMS, radius_vector
+from .beads import KERNEL_DIMS, R_EXT_FACTOR, bump_multiplier
 from .errors import InputError
+from .execution import blas_limit
 
 __all__ = ["fit_psf_basis", "optimal_rank", "hard_threshold", "normalise_patches",
-           "outlier_scores", "noise_threshold", "R_EXT_FACTOR", "HARD_THRESHOLD",
+           "outlier_scores", "noise_threshold", "HARD_THRESHOLD",
            "OUTLIER_TESTS", "RANK_RULES"]
-
-R_EXT_FACTOR = 1.2
-"""r_ext = 1.2 r (paper App. A-d)."""
 
 HARD_THRESHOLD = 2.858
 """Optimal hard threshold of singular values over their median for a square matrix (II-E-c)."""
@@ -104,24 +102,6 @@ def optimal_rank(singular_values, *, max_rank: int | None = None, shape=None) ->
     return max(rank, 1)
 
 
-def _bump(shape, r, r_ext) -> np.ndarray:
-    """Radial bump of App. A-d on a kernel grid centred at ``size // 2`` (float64); ``r`` and
-    ``r_ext`` a number or one per axis (see :func:`pcmx.beads.bump_multiplier`)."""
-    nd = len(shape)
-    rv = radius_vector(r, nd, name="r")
-    ev = radius_vector(r_ext, nd, name="r_ext")
-    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")
-    t = np.sqrt(sum((g / rd) ** 2 for g, rd in zip(grids, rv, strict=True)))
-    ext = float(np.mean(ev / rv))
-    m = np.zeros(shape)
-    m[t <= 1.0] = 1.0
-    if ext > 1.0:
-        mid = (t > 1.0) & (t < ext)
-        s = (t[mid] - 1.0) / (ext - 1.0)
-        m[mid] = np.exp(-1.0 / (1.0 - s * s) + 1.0)
-    return m
-
-
 def _svd(a: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """All singular values of ``a`` (M, P) and its first right singular vectors.
 
@@ -164,7 +144,7 @@ def normalise_patches(patches, r=None, *, r_ext=None) -> tuple[np.ndarray, np.nd
     """
     data = _patch_data(patches)
     rv, ev = _radii(patches, data.shape[1:], r, r_ext)
-    return _normalise(data, _bump(data.shape[1:], rv, ev))
+    return _normalise(data, bump_multiplier(data.shape[1:], rv, ev, dtype=np.float64))
 
 
 def _normalise(data: np.ndarray, bump: np.ndarray):
@@ -490,11 +470,9 @@ def fit_psf_basis(patches, n_components: int | None = None, *, outlier_sigma: fl
         Not 3- or 4-dimensional, no patch, NaNs, every patch with a non-positive sum, every
         patch an outlier, bad ``n_components``, ``outlier_test`` or ``rank_rule``.
     """
-    from threadpoolctl import threadpool_limits
-
     # small dense problems (a few hundred patches): one BLAS thread is fastest, and much
     # faster than several on a busy machine
-    with threadpool_limits(1, user_api="blas"):
+    with blas_limit(1):
         return _fit_psf_basis(patches, n_components, outlier_sigma=outlier_sigma, r=r,
                               r_ext=r_ext, seed=seed, outlier_test=outlier_test,
                               rank_rule=rank_rule)
@@ -517,7 +495,7 @@ def _fit_psf_basis(patches, n_components, *, outlier_sigma, r, r_ext, seed, outl
     kshape = data.shape[1:]
     nd = len(kshape)
     rv, ev = _radii(patches, kshape, r, r_ext)
-    bump = _bump(kshape, rv, ev)
+    bump = bump_multiplier(kshape, rv, ev, dtype=np.float64)
     sum_one, unit, sums = _normalise(data, bump)
     bad = ~(sums > 0)
     if bad.all():

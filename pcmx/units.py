@@ -26,7 +26,6 @@ __all__ = [
     "spatial_coords",
     "kernel_coords",
     "pixel_size",
-    "pixel_sizes",
 ]
 
 ureg: pint.UnitRegistry = pint_xarray.unit_registry
@@ -142,8 +141,3 @@ def pixel_size(obj: xr.Dataset | xr.DataArray, dim: str) -> float | None:
     except Exception:  # noqa: BLE001
         raise InputError(f"coordinate {dim!r} has units {units!r}, which is not a length") from None
     return step * factor
-
-
-def pixel_sizes(obj: xr.Dataset | xr.DataArray, dims: Sequence[str] = ("y", "x")) -> tuple:
-    """:func:`pixel_size` for several dims at once."""
-    return tuple(pixel_size(obj, d) for d in dims)

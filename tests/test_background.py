@@ -6,6 +6,7 @@ import xarray as xr
 
 from pcmx import background as BG
 from pcmx import beads as B
+from pcmx.truth import background_bias
 from pcmx.errors import InputError
 from pcmx.simulate import simulate_beads
 
@@ -83,7 +84,7 @@ def sim():
 
 
 def test_global_is_less_biased_than_local(sim):
-    ds = BG.background_bias(sim)
+    ds = background_bias(sim)
     g, loc = ds.sel(estimator="global"), ds.sel(estimator="local")
     print({k: ds[k].values.round(4).tolist() for k in ("background_error", "flux_bias", "psf_error")})
     assert ds.attrs["n_beads"] > 80
@@ -118,7 +119,7 @@ def test_offset_disappears_with_the_background(sim):
 def test_noise_free_and_three_dimensional_images():
     # noise-free (expected photons, float32): the noise floor keeps the mask sane
     clean = simulate_beads((256, 256), 40, photons=10000.0, min_separation=25, seed=3, noise=False)
-    ds = BG.background_bias(clean)
+    ds = background_bias(clean)
     assert ds.attrs["n_beads"] > 25
     assert abs(float(ds.flux_bias.sel(estimator="global"))) < 0.01
     assert float(ds.flux_bias.sel(estimator="local")) < -0.05

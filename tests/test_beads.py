@@ -112,6 +112,60 @@ def test_bump_multiplier_formula():
     np.testing.assert_allclose(m, expected, atol=1e-6)
 
 
+def _bump_reference(shape, r, ext):
+    """The bump as pcmx.beads computed it before it was shared with pcmx.psf_basis."""
+    half = [s // 2 for s in shape]
+    grids = np.meshgrid(*[np.arange(-h, h + 1, dtype=np.float64) for h in half], indexing="ij")
+    rho = np.sqrt(sum((g / rd) ** 2 for g, rd in zip(grids, np.broadcast_to(r, len(shape)), strict=True)))
+    s = (rho - 1.0) / (ext - 1.0)
+    m = np.zeros(rho.shape)
+    m[rho < 1.0] = 1.0
+    mid = (s >= 0) & (s < 1)
+    m[mid] = np.exp(-1.0 / (1.0 - s[mid] ** 2) + 1.0)
+    return m
+
+
+@pytest.mark.parametrize(("shape", "r", "r_ext"), [((31, 31), 10.0, 12.0), ((15, 15), 6.0, None),
+                                                   ((11, 13, 13), (4.0, 5.0, 5.0), None),
+                                                   ((21, 17), (8.0, 6.5), (9.0, 8.0))])
+def test_bump_multiplier_is_the_one_bump(shape, r, r_ext):
+    ext = B.R_EXT_FACTOR if r_ext is None else float(np.mean(np.asarray(r_ext) / np.asarray(r)))
+    ref = _bump_reference(shape, np.asarray(r, dtype=np.float64), ext)
+    m32 = B.bump_multiplier(shape, r, r_ext)
+    m64 = B.bump_multiplier(shape, r, r_ext, dtype=np.float64)
+    assert m32.dtype == np.float32 and m64.dtype == np.float64 and m64.shape == shape
+    np.testing.assert_array_equal(m64, ref)  # the same numbers as before, bit for bit
+    np.testing.assert_array_equal(m32, ref.astype(np.float32))
+    assert 0 < np.count_nonzero((m64 > 0) & (m64 < 1))  # the smooth part is sampled
+
+
+def test_bump_multiplier_radii():
+    # r_ext = r: the indicator of the ellipse (the PSF basis accepts it); r_ext < r: an error
+    m = B.bump_multiplier((9, 9), 3.0, 3.0, dtype=np.float64)
+    np.testing.assert_array_equal(m, (B.normalised_radius((4, 4), (3.0, 3.0)) <= 1).astype(float))
+    with pytest.raises(InputError, match=r"^r_ext=2.0 must not be smaller than r=3.0$"):
+        B.bump_multiplier((9, 9), 3.0, 2.0)
+    # an even side: offsets -n/2 .. n/2 - 1, the array keeps the requested shape
+    even = B.bump_multiplier((8, 9), 3.0)
+    assert even.shape == (8, 9) and even[4, 4] == 1 and even[0, 4] == 0 and even[7, 4] == 1  # -4, +3
+
+
+def test_kernel_grid_helpers():
+    ky, kx = B.offset_grids((2, 3))
+    np.testing.assert_array_equal(ky, [-2, -1, 0, 1, 2])
+    np.testing.assert_array_equal(kx, np.arange(-3.0, 4.0))
+    rho = B.normalised_radius((2, 3), (2.0, 1.5))
+    assert rho.shape == (5, 7) and rho[2, 3] == 0
+    assert rho[0, 3] == 1 and rho[2, 0] == 2 and rho[4, 6] == pytest.approx(np.sqrt(1 + 4))
+    pos = B.as_positions([[1, 2], [3.5, 4]], 2)
+    assert pos.dtype == np.float64 and pos.shape == (2, 2)
+    assert B.as_positions([], 3).shape == (0, 3)
+    with pytest.raises(InputError, match=r"^bead: expected an \(N, 2\) array of pixel positions, got shape \(3,\)$"):
+        B.as_positions([1.0, 2.0, 3.0], 2, name="bead")
+    with pytest.raises(InputError, match="^positions: contains NaN or infinite positions$"):
+        B.as_positions([[np.nan, 1.0]], 2)
+
+
 @pytest.mark.parametrize(("image", "message"), [
     (np.full((64, 64), np.nan, np.float32), "image: contains"),
     (np.full((64, 64), 7.0, np.float32), "image: is constant"),

@@ -8,14 +8,12 @@ from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
 
 from pcmx.coefficients import (
-    AxisInterp,
     coefficient_maps,
-    default_step,
     fit_tps,
-    lattice_nodes,
     voronoi_weights,
 )
 from pcmx.errors import InputError, PcmxError
+from pcmx.lattice import default_step, lattice_nodes
 
 
 def _scatter(rng, m, shape, margin=2.0):
@@ -213,18 +211,6 @@ def test_grid_evaluation_3d_and_other_shapes():
     assert tps2.evaluate_grid((100, 120), step=8).shape == (2, 100, 120)
 
 
-def test_axis_interpolation_weights():
-    nodes = lattice_nodes(101, 10)
-    assert nodes[0] == 0 and nodes[-1] == 100 and np.all(np.diff(nodes) <= 10)
-    lin = AxisInterp(lattice_nodes(101, 10, integer=True), 101, "linear")
-    rows = lin.rows(np.arange(101))
-    assert np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1)
-    cub = AxisInterp(nodes, 101, "cubic")
-    cubic_poly = 0.3 * nodes**3 - 2 * nodes + 1
-    x = np.arange(101.0)
-    np.testing.assert_allclose(cub.apply(cubic_poly, 0), 0.3 * x**3 - 2 * x + 1, rtol=1e-10, atol=1e-8)
-
-
 def test_coefficient_maps_convenience():
     rng = np.random.default_rng(10)
     shape = (96, 128)
@@ -236,17 +222,6 @@ def test_coefficient_maps_convenience():
     assert set(info) >= {"step", "max_error"}
 
 
-def test_lattice_blocks_tile_the_lattice():
-    from pcmx.coefficients import _lattice_blocks
-
-    for lat, limit in [((37, 41), 100), ((37, 41), 10), ((5, 7, 9), 20), ((5, 7, 9), 4), ((13,), 5)]:
-        seen = np.zeros(lat, dtype=int)
-        for sl in _lattice_blocks(lat, limit):
-            assert seen[sl].size <= limit
-            seen[sl] += 1
-        np.testing.assert_array_equal(seen, 1)  # every node exactly once
-
-
 @pytest.mark.parametrize("step", [1, 3, None])
 def test_lattice_is_evaluated_and_projected_in_bounded_blocks(monkeypatch, step):
     """The lattice is evaluated and projected onto the cone a block of at most _NODE_BLOCK nodes
@@ -255,7 +230,6 @@ def test_lattice_is_evaluated_and_projected_in_bounded_blocks(monkeypatch, step)
     import tracemalloc
 
     import pcmx.coefficients as coefficients
-    import pcmx.cone as cone
     from pcmx.cone import reduce_cone
 
     rng = np.random.default_rng(12)
@@ -270,7 +244,7 @@ def test_lattice_is_evaluated_and_projected_in_bounded_blocks(monkeypatch, step)
     whole, _, info_whole = coefficient_maps(pts, beta, shape, generators=gen, step=step, return_spline=True)
 
     sizes = {"project": [], "evaluate": []}
-    project_grid, evaluate_nodes = cone.project_grid, coefficients.ThinPlateSpline.evaluate_nodes
+    project_grid, evaluate_nodes = coefficients.project_grid, coefficients.ThinPlateSpline.evaluate_nodes
 
     def counting_project(values, generators, **kw):
         sizes["project"].append(int(np.prod(np.shape(values)[1:])))
@@ -280,7 +254,7 @@ def test_lattice_is_evaluated_and_projected_in_bounded_blocks(monkeypatch, step)
         sizes["evaluate"].append(int(np.prod([len(n) for n in nodes])))
         return evaluate_nodes(self, nodes, **kw)
 
-    monkeypatch.setattr(cone, "project_grid", counting_project)
+    monkeypatch.setattr(coefficients, "project_grid", counting_project)
     monkeypatch.setattr(coefficients.ThinPlateSpline, "evaluate_nodes", counting_evaluate)
     monkeypatch.setattr(coefficients, "_NODE_BLOCK", 2048)
     tracemalloc.start()

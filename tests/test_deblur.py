@@ -288,7 +288,7 @@ def test_cli_round_trip(setup, tmp_path, capsys):
     import tifffile
 
     from pcmx.cli import main
-    from pcmx.commands.simulate import write_tiff
+    from pcmx.io.tiff import write_tiff
 
     image = tmp_path / "img.tif"
     write_tiff(str(image), setup["image"].values, 0.065)

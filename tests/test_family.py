@@ -78,7 +78,7 @@ def test_rank_rule_and_errors():
 
 def test_learn_family_cli(sim, tmp_path, capsys):
     from pcmx.cli import main
-    from pcmx.commands.simulate import write_tiff
+    from pcmx.io.tiff import write_tiff
 
     for k in range(3):
         write_tiff(str(tmp_path / f"s{k}.tif"), sim["image"].isel(state=k).values, 0.065)
@@ -108,7 +108,7 @@ def assert_same_family(a, b, rtol=1e-6, atol=1e-6):
 @pytest.fixture(scope="module")
 def tiffs(tmp_path_factory):
     """Five 384x384 simulated states as ImageJ TIFFs (pixel size in the metadata)."""
-    from pcmx.commands.simulate import write_tiff
+    from pcmx.io.tiff import write_tiff
 
     d = tmp_path_factory.mktemp("states")
     sim5 = simulate_beads((384, 384), 70, states=5, photons=40000.0, min_separation=24, seed=5)
@@ -198,7 +198,7 @@ def test_checkpoint_mismatch_half_written_entries_and_overwrite(sim, tmp_path):
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, sim):
     """Three good states plus: a corrupt TIFF, one of the wrong shape, one with no beads."""
-    from pcmx.commands.simulate import write_tiff
+    from pcmx.io.tiff import write_tiff
 
     d = tmp_path_factory.mktemp("bad")
     for k in range(3):
@@ -292,7 +292,7 @@ def test_gram_and_randomized_routes_agree(sim, family):
 
 def test_cli_scheduler_and_progress(sim, family, tmp_path, capsys):
     from pcmx.cli import main
-    from pcmx.commands.simulate import write_tiff
+    from pcmx.io.tiff import write_tiff
 
     out = tmp_path / "fam.zarr"
     paths = []
@@ -341,7 +341,7 @@ def test_checkpointed_patches_reach_the_pca_as_bead_patches_made_them(sim, famil
     """Nothing lost through the checkpoint: values, coordinates (bead_y, bead_x) and attrs."""
     import xarray as xr
 
-    from pcmx.learn import bead_patches
+    from pcmx.patches import bead_patches
     from pcmx.psf_basis import fit_psf_basis
 
     r = family.attrs["pcmx_parameters"]["psf_radius"]
@@ -370,13 +370,13 @@ def test_auto_svd_route_by_size(sim, monkeypatch):
 
 def test_realism_modes(sim, family):
     """Default realism (non-negativity) and the paper's cone: both keep the PSFs non-negative."""
-    assert family.attrs["pcmx_parameters"]["realism"] == "nonnegative"
+    assert family.attrs["pcmx_parameters"]["realism"]["kind"] == "nonnegative"
     cone = learn_family(sim["image"], n_components=4, n_modes=4, realism="cone", progress=False)
     plain = learn_family(sim["image"], n_components=4, n_modes=4, realism=False, progress=False)
     # J = K * I: the modes span every projected map, nothing truncated
     full = learn_family(sim["image"], n_components=4, n_modes=16, progress=False)
-    assert cone.attrs["pcmx_parameters"]["realism"] == "cone"
-    assert plain.attrs["pcmx_parameters"]["realism"] is False
+    assert cone.attrs["pcmx_parameters"]["realism"]["kind"] == "cone"
+    assert plain.attrs["pcmx_parameters"]["realism"]["kind"] == "none"
     ys, xs = (a.ravel() for a in np.meshgrid(np.arange(0, 256, 15), np.arange(0, 256, 15), indexing="ij"))
     low = {}
     for name, fam in (("nonnegative", family), ("cone", cone), ("none", plain), ("full", full)):
@@ -392,7 +392,7 @@ def test_realism_modes(sim, family):
     # slack); truncating them to J < K * I modes gives some of it back (J = 4 here: -4%)
     assert low["full"] > -0.015
     assert low["none"] < min(low["nonnegative"], low["cone"])
-    with pytest.raises(InputError, match=r"^realism='bogus': expected 'nonnegative', 'cone' or False$"):
+    with pytest.raises(InputError, match=r"^realism='bogus': expected one of 'cone', 'nonnegative', 'none' \(or True/False\)$"):
         learn_family(sim["image"], realism="bogus")
 
 

@@ -65,7 +65,7 @@ def test_learned_operator_matches_truth_and_beats_invariant(sim, learned):
 
 
 def test_store_round_trip_and_cli(sim, tmp_path, capsys):
-    from pcmx.commands.simulate import write_tiff
+    from pcmx.io.tiff import write_tiff
 
     tif = tmp_path / "beads.tif"
     write_tiff(str(tif), sim["image"].values, 0.065)

@@ -14,7 +14,9 @@ import pcmx
 from pcmx.beads import bump_multiplier
 from pcmx.errors import InputError
 from pcmx.io.readers import as_image
-from pcmx.learn import BeadPatches, bead_patches, learn_from_patches, learn_operator
+from pcmx.fit import fit_operator
+from pcmx.learn import learn_operator
+from pcmx.patches import BeadPatches, bead_patches
 from pcmx.simulate import simulate_beads, true_psfs
 from pcmx.testing import dottest
 
@@ -30,7 +32,7 @@ def sim():
 def learned(sim):
     img = as_image(sim["image"])
     bp = bead_patches(img)
-    return bp, learn_from_patches(bp, image=img)
+    return bp, fit_operator(bp, image=img)
 
 
 def _centred(psfs):
@@ -102,7 +104,7 @@ def test_3d_psfs_match_truth_and_beat_the_invariant_model(sim, learned):
     truth = true_psfs(sim, pos[:, 1], pos[:, 2], size=ks[1], size_z=ks[0]) * 1e4
     fb = BeadPatches(patches=bp.patches.copy(data=truth.astype(np.float32)), positions=pos,
                      radius=bp.radius, shape=bp.shape)
-    floor = learn_from_patches(fb, n_components=op.sizes["component"], outlier_sigma=np.inf)
+    floor = fit_operator(fb, n_components=op.sizes["component"], outlier_sigma=np.inf)
     err_floor, _ = _grid_error(floor, sim, bp.radius)
     print(f"3D median PSF error on the support: learned {err:.3f}, floor {err_floor:.3f}, "
           f"space-invariant {err_inv:.3f}; I = {op.sizes['component']}, r = {bp.radius}")

@@ -17,7 +17,8 @@ import xarray as xr
 
 import pcmx
 from pcmx.io.readers import as_image
-from pcmx.learn import BeadPatches, bead_patches, learn_from_patches
+from pcmx.fit import fit_operator
+from pcmx.patches import BeadPatches, bead_patches
 from pcmx.simulate import simulate_beads, true_psfs
 
 # median photons per bead -> peak photons about 0.04-0.06 of that (NA 1.49, 65 nm pixels):
@@ -65,7 +66,7 @@ def _floor(bp, op, sim):
     truth = true_psfs(sim, pos[:, 0], pos[:, 1], size=bp.patches.sizes["ky"]) * 1e4
     patches = bp.patches.isel(bead=np.flatnonzero(used)).copy(data=truth.astype(np.float32))
     fb = BeadPatches(patches=patches, positions=pos, radius=bp.radius, shape=bp.shape)
-    return learn_from_patches(fb, n_components=op.sizes["component"], outlier_sigma=np.inf)
+    return fit_operator(fb, n_components=op.sizes["component"], outlier_sigma=np.inf)
 
 
 def _used_indices(bp, op):
@@ -82,7 +83,7 @@ def runs():
         sim = simulate_beads((512, 512), 150, photons=photons, min_separation=30, seed=3)
         img = as_image(sim["image"])
         bp = bead_patches(img)
-        out[photons] = (sim, bp, learn_from_patches(bp, image=img))
+        out[photons] = (sim, bp, fit_operator(bp, image=img))
     return out
 
 
@@ -146,7 +147,7 @@ def _field_psfs(op, step=8):
 
 def test_cone_keeps_psfs_non_negative_where_plain_interpolation_does_not(runs):
     sim, bp, cone = runs[60000.0]
-    plain = learn_from_patches(bp, image=as_image(sim["image"]), realism=False)
+    plain = fit_operator(bp, image=as_image(sim["image"]), realism=False)
     pcmx.validate(plain)
     assert "cone_generators" not in plain and "cone_generators" in cone
     neg_plain, neg_cone = _field_psfs(plain), _field_psfs(cone)

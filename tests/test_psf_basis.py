@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from pcmx.beads import bump_multiplier
 from pcmx.errors import InputError
-from pcmx.psf_basis import _bump, fit_psf_basis, hard_threshold, optimal_rank
+from pcmx.psf_basis import fit_psf_basis, hard_threshold, normalise_patches, optimal_rank
 from pcmx.simulate import simulate_beads, true_psfs
 
 SIZE = 25
@@ -32,7 +33,7 @@ def noisy_patches(sim):
 @pytest.fixture(scope="module")
 def field_patches():
     """The isolated bead patches of a simulated 512 x 512 field of 150 bright beads."""
-    from pcmx.learn import bead_patches
+    from pcmx.patches import bead_patches
 
     sim = simulate_beads((512, 512), 150, photons=60000.0, min_separation=30, seed=3)
     return bead_patches(sim["image"]).patches
@@ -40,8 +41,8 @@ def field_patches():
 
 def _relative_projection_error(ds, targets):
     h = ds["psf_basis"].values.reshape(ds.sizes["component"], -1).astype(np.float64)
-    t = targets.reshape(len(targets), -1) * _bump((SIZE, SIZE), ds.attrs["psf_radius"],
-                                                   ds.attrs["r_ext"]).ravel()
+    t = targets.reshape(len(targets), -1) * bump_multiplier((SIZE, SIZE), ds.attrs["psf_radius"],
+                                                             ds.attrs["r_ext"], dtype=np.float64).ravel()
     proj = (t @ h.T) @ h
     return np.linalg.norm(t - proj, axis=1) / np.linalg.norm(t, axis=1)
 
@@ -69,7 +70,8 @@ def test_beta_describes_sum_one_psfs(noisy_patches):
     assert beta.shape == (kept.sum(), 5)
     np.testing.assert_array_equal(ds["bead_y"].values, noisy_patches["bead_y"].values[kept])
     p = noisy_patches.values[kept].reshape(kept.sum(), -1).astype(np.float64)
-    p = p * _bump((SIZE, SIZE), ds.attrs["psf_radius"], ds.attrs["r_ext"]).ravel()
+    p = p * bump_multiplier((SIZE, SIZE), ds.attrs["psf_radius"], ds.attrs["r_ext"],
+                            dtype=np.float64).ravel()
     p /= p.sum(axis=1, keepdims=True)
     rel = np.linalg.norm(p - recon, axis=1) / np.linalg.norm(p, axis=1)
     assert np.median(rel) < 0.1
@@ -172,10 +174,17 @@ def test_components_clipped_to_patches(sim):
 
 
 def test_bump_profile():
-    m = _bump((31, 31), 10.0, 12.0)
+    m = bump_multiplier((31, 31), 10.0, 12.0, dtype=np.float64)
+    assert m.dtype == np.float64
     assert m[15, 15] == 1.0 and m[15, 25] == 1.0 and m[15, 27] == 0.0
     assert 0 < m[15, 26] < 1  # t = 11: exp(-1/(1-0.25) + 1)
-    np.testing.assert_allclose(m[15, 26], np.exp(-1 / 0.75 + 1))
+    np.testing.assert_allclose(m[15, 26], np.exp(-1 / 0.75 + 1), rtol=1e-14)
+    # the PSF basis weighs patches with this bump (r_ext = r: a hard cut, allowed here)
+    patches = np.ones((2, 31, 31))
+    _, _, sums = normalise_patches(patches, 10.0, r_ext=12.0)
+    np.testing.assert_allclose(sums, m.sum(), rtol=1e-12)
+    _, _, sums = normalise_patches(patches, 10.0, r_ext=10.0)
+    assert sums[0] == np.count_nonzero(np.hypot(*np.meshgrid(np.arange(31) - 15, np.arange(31) - 15)) <= 10)
 
 
 @pytest.mark.parametrize(("bad", "message"), [

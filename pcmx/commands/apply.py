@@ -29,27 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image extension outside the field: zeros (default), mirror or wrap-around")
 
 
-def write_tiff(path: str, data, pixel_sizes_um) -> None:
-    """Float32 ImageJ TIFF; pixel size (resolution, unit um) and z spacing when known."""
-    import numpy as np
-    import tifffile
-
-    data = np.ascontiguousarray(data, dtype=np.float32)
-    metadata = {"axes": "ZYX" if data.ndim == 3 else "YX"}
-    kwargs = {}
-    sy, sx = pixel_sizes_um[-2:]
-    if sy is not None and sx is not None:
-        metadata["unit"] = "um"
-        kwargs["resolution"] = (1.0 / sx, 1.0 / sy)
-    if data.ndim == 3 and pixel_sizes_um[0] is not None:
-        metadata["spacing"] = float(pixel_sizes_um[0])
-    tifffile.imwrite(path, data, imagej=True, metadata=metadata, **kwargs)
-
-
 def run(args) -> int:
     import warnings
 
+    import numpy as np
+
     from ..io.readers import PcmxWarning, read_image
+    from ..io.tiff import write_tiff
     from ..operator import ProductConvolution
     from ..units import pixel_size
 
@@ -74,12 +60,7 @@ def run(args) -> int:
     sizes = [pixel_size(image, d) for d in image.dims]
     if all(s is None for s in sizes):  # the operator knows the pixel size if the file does not
         sizes = [pixel_size(operator.dataset, d) for d in image.dims]
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.pcmx-tmp")
-    try:
-        write_tiff(tmp, blurred.values, sizes)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_tiff(out, np.asarray(blurred.values, dtype=np.float32), sizes[-2:],
+               z_step_um=sizes[0] if image.ndim == 3 else None)
     print(f"wrote {out} ({'x'.join(str(n) for n in image.shape)}, float32, boundary={args.boundary})")
     return 0

@@ -55,12 +55,14 @@ def output_paths(out: str) -> dict:
 def run(args) -> int:
     import warnings
 
+    import numpy as np
+
     from ..deblur import deblur
     from ..io.readers import PcmxWarning, read_image
     from ..io.store import save_store
+    from ..io.tiff import write_tiff
     from ..provenance import sha256_file
     from ..units import pixel_size
-    from .apply import write_tiff
 
     out = args.output
     if not out.lower().endswith((".tif", ".tiff")):
@@ -90,13 +92,7 @@ def run(args) -> int:
                                 "sha256": sha256_file(args.image) if os.path.isfile(args.image) else None}]
     sizes = [pixel_size(ds, d) for d in ("y", "x")]
     for var, path in paths.items():
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.pcmx-tmp")
-        try:
-            write_tiff(tmp, ds[var].values, sizes)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_tiff(path, np.asarray(ds[var].values, dtype=np.float32), sizes)
     if args.store:
         save_store(ds, args.store, overwrite=args.overwrite)
     a = ds.attrs

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 
-import xarray as xr
-
 from ..errors import PcmxError
 from ..provenance import jsonable
-from ..units import format_length, pixel_size
 
 NAME = "info"
 HELP = "describe a pcmx store (kind, dims, units, provenance, validation)"
@@ -19,30 +16,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def describe(ds: xr.Dataset, *, status: str = "valid") -> str:
-    """A short human-readable summary of a pcmx Dataset."""
-    lines = [f"kind: {ds.attrs.get('pcmx_type', '?')}", f"validation: {status}"]
-    lines.append("dims: " + ", ".join(f"{d}={n}" for d, n in ds.sizes.items()))
-    for d in ("z", "y", "x"):
-        if d in ds.coords:
-            lines.append(f"pixel size {d}: {format_length(pixel_size(ds, d))}")
-    lines.append("variables:")
-    for name, v in ds.data_vars.items():
-        lines.append(f"  {name} {tuple(v.dims)} {v.dtype}")
-    for key in ("pcmx_version", "pcmx_schema_version", "pcmx_created"):
-        if key in ds.attrs:
-            lines.append(f"{key[5:]}: {ds.attrs[key]}")
-    for rec in ds.attrs.get("pcmx_inputs", []) or []:
-        sha = rec.get("sha256") or "-"
-        lines.append(f"input: {rec.get('name')} sha256={sha[:16]}")
-    params = ds.attrs.get("pcmx_parameters")
-    if params:
-        lines.append("parameters: " + json.dumps(jsonable(params), sort_keys=True))
-    return "\n".join(lines)
-
-
 def run(args) -> int:
-    from ..io.store import open_store
+    from ..io.store import describe_store, open_store
 
     ds = open_store(args.store, validate_store=False)
     status, code = "valid", 0
@@ -58,5 +33,5 @@ def run(args) -> int:
                "attrs": jsonable(dict(ds.attrs))}
         print(json.dumps(out, indent=2))
     else:
-        print(describe(ds, status=status))
+        print(describe_store(ds, status=status))
     return code

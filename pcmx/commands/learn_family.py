@@ -114,7 +114,7 @@ def run(args) -> int:
             warnings.simplefilter("always")
             try:
                 ds = learn_family(images, n_components=args.components, n_modes=args.modes,
-                                  psf_radius=args.psf_radius, pixel_size_=args.pixel_size,
+                                  psf_radius=args.psf_radius, pixel_size=args.pixel_size,
                                   checkpoint=checkpoint, overwrite_checkpoint=args.overwrite,
                                   skip_bad=args.skip_bad, svd=args.svd, realism=args.realism,
                                   mode_rule=args.mode_rule,

@@ -77,19 +77,9 @@ def _min_sep(value):
         return value
 
 
-def write_tiff(path: str, data, pixel_size_um: float, z_step_um: float | None = None) -> None:
-    """ImageJ TIFF with the pixel size (resolution, unit) and z spacing in its metadata."""
-    import tifffile
-
-    metadata = {"unit": "um", "axes": "ZYX" if data.ndim == 3 else "YX"}
-    if data.ndim == 3 and z_step_um is not None:
-        metadata["spacing"] = float(z_step_um)
-    tifffile.imwrite(path, data, imagej=True, resolution=(1.0 / pixel_size_um, 1.0 / pixel_size_um),
-                     metadata=metadata)
-
-
 def run(args) -> int:
     from ..io.store import save_store
+    from ..io.tiff import write_tiff
     from ..simulate import simulate_beads, true_operator
 
     if args.states < 1:
@@ -123,7 +113,7 @@ def run(args) -> int:
     optics = sim.attrs["optics"]
     for k, path in enumerate(tiffs):
         write_tiff(path, sim["image"].isel(state=k).values, optics["pixel_size_um"],
-                   optics["z_step_um"] if args.three_d else None)
+                   z_step_um=optics["z_step_um"] if args.three_d else None)
     save_store(sim, store, overwrite=args.overwrite)
     written = [*tiffs, store]
     if args.true_operator:

@@ -6,6 +6,14 @@
   gamma1 ||u1||_1 + gamma2 ||Laplacian u2||^2`` by FISTA with adaptive restart.
 * :func:`deblur`: both steps (blind, with a family) or the second alone (with an operator),
   as a ``restoration`` Dataset.
+* :func:`estimate_noise` (from :mod:`pcmx.noise`) sets the default weights; :func:`checked_image`
+  is the one check of an image to deblur.
+
+Every deblurring entry point applies an operator Dataset or store path with
+``boundary="reflect"`` (a mirror image beyond the field: no dark rims) unless told otherwise,
+and works on the image's array library through :mod:`pcmx._backend`: a NumPy image gives
+NumPy results, a CuPy image CuPy results (identification runs on the host: the bead pipeline
+has no CuPy path).
 * Baselines (``tikhonov``, ``tikhonov_fourier``, ``richardson_lucy_tv``, ``fista_haar``,
   ``scale_operator``, ``estimate_offset``) live in :mod:`pcmx.deblur.baselines`, metrics
   (``find_sources``, ``match_sources``, ``score_restoration``) in :mod:`pcmx.deblur.metrics`;
@@ -16,14 +24,16 @@ from __future__ import annotations
 
 import importlib
 
+from ..noise import estimate_noise
 from .identify import (
     Identification,
     check_family_grid,
+    checked_image,
     dirac_comb_distance,
     identify_operator,
     project_onto_family,
 )
-from .sparse_smooth import deblur, estimate_noise, laplacian, sparse_smooth
+from .sparse_smooth import deblur, laplacian, sparse_smooth
 
 _LAZY = {
     "tikhonov": "pcmx.deblur.baselines",
@@ -43,6 +53,7 @@ __all__ = [
     "dirac_comb_distance",
     "project_onto_family",
     "check_family_grid",
+    "checked_image",
     "sparse_smooth",
     "deblur",
     "estimate_noise",

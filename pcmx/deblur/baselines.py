@@ -11,12 +11,15 @@
 * :func:`scale_operator`: the same operator with every PSF dilated by a factor (the "PSF 2x too
   small / too large" experiment of Fig. 10).
 
-Every method takes the image (NumPy array or DataArray: the result has the same kind, dims and
-coords, float32) and an operator: a :class:`pcmx.ProductConvolution`, an operator Dataset or
-store path (built with ``boundary="zero"``), or any object with ``apply(u)`` and
-``adjoint(v)`` on arrays of the image's shape. The camera offset ``b`` (a constant added to
-every pixel) is subtracted (or, for Richardson-Lucy, added to the model) explicitly: given as
-``offset``, or estimated by :func:`estimate_offset`.
+Every method takes the image (NumPy or CuPy array, or a DataArray of either: the result has
+the same kind, array library, dims and coords, float32; the array operations dispatch through
+:mod:`pcmx._backend`) and an operator: a :class:`pcmx.ProductConvolution`, an operator Dataset
+or store path (built with ``boundary``, default ``"reflect"`` as in
+:func:`pcmx.deblur.sparse_smooth`: a mirror image beyond the field, no dark rims), or any
+object with ``apply(u)`` and ``adjoint(v)`` on arrays of the image's shape. The camera offset
+``b`` (a constant added to every pixel) is subtracted (or, for Richardson-Lucy, added to the
+model) explicitly: given as ``offset``, or estimated by :func:`estimate_offset`. The default
+weights come from the noise level :func:`pcmx.noise.estimate_noise`.
 """
 
 from __future__ import annotations
@@ -27,48 +30,47 @@ import numpy as np
 import scipy.ndimage as ndi
 import xarray as xr
 
+from .. import _backend
 from ..errors import InputError
+from ..noise import estimate_noise
+from .identify import checked_image
 
 __all__ = ["tikhonov", "tikhonov_fourier", "richardson_lucy_tv", "fista_haar",
-           "scale_operator", "estimate_offset"]
+           "scale_operator", "estimate_offset", "gradient", "divergence", "HaarTransform"]
 
 
 # --------------------------------------------------------------------------------------------
 # shared pieces
 # --------------------------------------------------------------------------------------------
-def _engine(operator):
-    """A ProductConvolution from a Dataset/store path; any apply/adjoint object as is."""
+def _engine(operator, boundary: str):
+    """A ProductConvolution from a Dataset/store path (with ``boundary``); any apply/adjoint
+    object as is."""
     from ..operator import ProductConvolution
 
     if isinstance(operator, ProductConvolution):
         return operator
     if isinstance(operator, (xr.Dataset, str, os.PathLike)):
-        return ProductConvolution(operator, boundary="zero")
+        return ProductConvolution(operator, boundary=boundary)
     if callable(getattr(operator, "apply", None)) and callable(getattr(operator, "adjoint", None)):
         return operator
     raise InputError("operator: expected a ProductConvolution, an operator Dataset or store path, "
                      f"or an object with apply() and adjoint(); got {type(operator).__name__}")
 
 
-def _image(image, op) -> tuple[np.ndarray, xr.DataArray | None]:
-    """The image as float32 NumPy (checked), and the DataArray to rebuild the output from."""
+def _image(image, op):
+    """The image as a float32 array of its own library (checked by
+    :func:`pcmx.deblur.checked_image`), and the DataArray to rebuild the output from."""
     template = image if isinstance(image, xr.DataArray) else None
-    a = np.asarray(image.values if template is not None else image)
-    if a.ndim != 2:
-        raise InputError(f"image must be 2D (y, x), got shape {a.shape}")
-    if a.dtype.kind not in "fiu":
-        raise InputError(f"image: dtype {a.dtype} is not a real number type")
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    n_bad = int(np.count_nonzero(~np.isfinite(a)))
-    if n_bad:
-        raise InputError(f"image has {n_bad} non-finite pixels (NaN or inf)")
+    data = checked_image(image).data
+    xp = _backend.xp(data)
+    a = xp.ascontiguousarray(xp.asarray(data), dtype=np.float32)
     shape = getattr(op, "shape", None)
     if shape is not None and tuple(shape) != a.shape:
         raise InputError(f"image: shape {a.shape} does not match the operator's grid {tuple(shape)}")
     return a, template
 
 
-def _wrap(u: np.ndarray, template, name: str, attrs: dict):
+def _wrap(u, template, name: str, attrs: dict):
     u = u.astype(np.float32, copy=False)
     if template is None:
         return u
@@ -82,26 +84,28 @@ def estimate_offset(image) -> float:
     The image is averaged over 9 x 9 windows (the noise of the mean drops 9 times) and the
     0.1th percentile of the result is taken: the largest constant that lies under the
     background almost everywhere (the convention of :func:`pcmx.deblur.sparse_smooth`).
+
+    Parameters
+    ----------
+    image : array or DataArray (y, x), NumPy or CuPy
+
+    Returns
+    -------
+    float
     """
-    y = np.asarray(getattr(image, "values", image), dtype=np.float32)
-    return float(np.percentile(ndi.uniform_filter(y, 9, mode="reflect"), 0.1))
+    data = _backend.unwrap(image)
+    xp, nd = _backend.xp(data), _backend.ndimage_module(data)
+    y = xp.asarray(data, dtype=np.float32)
+    return float(xp.percentile(nd.uniform_filter(y, 9, mode="reflect"), 0.1))
 
 
-def _offset(y: np.ndarray, offset) -> float:
+def _offset(y, offset) -> float:
     if offset is None:
         return estimate_offset(y)
     offset = float(offset)
     if not np.isfinite(offset):
         raise InputError(f"offset={offset!r} must be finite")
     return offset
-
-
-def _noise(y: np.ndarray) -> float:
-    """Robust noise standard deviation (Immerkaer's high-pass, median absolute value)."""
-    hp = (y[:-2, :-2] - 2 * y[:-2, 1:-1] + y[:-2, 2:]
-          - 2 * y[1:-1, :-2] + 4 * y[1:-1, 1:-1] - 2 * y[1:-1, 2:]
-          + y[2:, :-2] - 2 * y[2:, 1:-1] + y[2:, 2:])
-    return float(np.median(np.abs(hp))) / (0.6745 * 6.0)
 
 
 def _positive(value, name: str, *, allow_zero: bool = False) -> float:
@@ -118,25 +122,52 @@ def _count(value, name: str) -> int:
 
 
 def _boundary(op) -> str:
+    """The boundary the operator applies (``"zero"`` for an object that does not say)."""
     return getattr(op, "boundary", "zero")
 
 
-def _grad(u: np.ndarray, periodic: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Forward differences: periodic, or Neumann (zero difference across the last pixel)."""
+def gradient(u, periodic: bool):
+    """Forward differences ``(D_y u, D_x u)`` of the total variation and the Tikhonov penalty.
+
+    Parameters
+    ----------
+    u : array (ny, nx), NumPy or CuPy
+    periodic : bool
+        Periodic differences (``u[0] - u[-1]`` across the edge), else Neumann: zero difference
+        across the last row and column.
+
+    Returns
+    -------
+    (array, array)
+        ``gy``, ``gx`` of ``u``'s shape and library; the adjoint is ``-divergence``.
+    """
+    xp = _backend.xp(u)
     if periodic:
-        return np.roll(u, -1, 0) - u, np.roll(u, -1, 1) - u
-    gy = np.zeros_like(u)
-    gx = np.zeros_like(u)
+        return xp.roll(u, -1, 0) - u, xp.roll(u, -1, 1) - u
+    gy = xp.zeros_like(u)
+    gx = xp.zeros_like(u)
     gy[:-1] = u[1:] - u[:-1]
     gx[:, :-1] = u[:, 1:] - u[:, :-1]
     return gy, gx
 
 
-def _div(py: np.ndarray, px: np.ndarray, periodic: bool) -> np.ndarray:
-    """Divergence, the negative adjoint of :func:`_grad`."""
+def divergence(py, px, periodic: bool):
+    """Divergence, the negative adjoint of :func:`gradient`: ``<gradient(u), p> = -<u, div p>``.
+
+    Parameters
+    ----------
+    py, px : array (ny, nx), NumPy or CuPy
+    periodic : bool
+        As for :func:`gradient`.
+
+    Returns
+    -------
+    array (ny, nx)
+    """
+    xp = _backend.xp(py)
     if periodic:
-        return py - np.roll(py, 1, 0) + px - np.roll(px, 1, 1)
-    d = np.zeros_like(py)
+        return py - xp.roll(py, 1, 0) + px - xp.roll(px, 1, 1)
+    d = xp.zeros_like(py)
     d[:-1] += py[:-1]
     d[1:] -= py[:-1]
     d[:, :-1] += px[:, :-1]
@@ -147,14 +178,14 @@ def _div(py: np.ndarray, px: np.ndarray, periodic: bool) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Tikhonov
 # --------------------------------------------------------------------------------------------
-def _default_lam(y: np.ndarray, sigma: float) -> float:
+def _default_lam(y, sigma: float) -> float:
     """Noise-to-signal power ratio ``sigma^2 / (var(y) - sigma^2)`` (the Wiener constant)."""
-    signal = max(float(np.var(y, dtype=np.float64)) - sigma ** 2, 1e-12)
+    signal = max(float(_backend.xp(y).var(y, dtype=np.float64)) - sigma ** 2, 1e-12)
     return max(sigma ** 2 / signal, 1e-8)
 
 
 def tikhonov(image, operator, *, lam: float | None = None, offset: float | None = None,
-             max_iter: int = 200, tol: float = 1e-4, x0=None):
+             max_iter: int = 200, tol: float = 1e-4, x0=None, boundary: str = "reflect"):
     r"""Regularized inverse filtering with a space-varying operator (Tikhonov, gradient penalty).
 
     Solves ``min_u ||H u - (y - b)||^2 + lam ||grad u||^2`` by conjugate gradients on the
@@ -178,6 +209,9 @@ def tikhonov(image, operator, *, lam: float | None = None, offset: float | None 
         Stop when the normal-equation residual is below ``tol`` times its initial value.
     x0 : array, optional
         Starting point (default zero).
+    boundary : {"reflect", "zero", "periodic"}
+        Boundary of the operator built from a Dataset or store path (default "reflect", as
+        in :func:`pcmx.deblur.sparse_smooth`); a ProductConvolution keeps its own.
 
     Returns
     -------
@@ -197,31 +231,32 @@ def tikhonov(image, operator, *, lam: float | None = None, offset: float | None 
     component, a constant map), the solution is :func:`tikhonov_fourier`'s closed form
     ``conj(h^) y^ / (|h^|^2 + lam |d^|^2)``; CG converges to it.
     """
-    op = _engine(operator)
+    op = _engine(operator, boundary)
     y, template = _image(image, op)
+    xp = _backend.xp(y)
     b = _offset(y, offset)
-    lam = _default_lam(y - b, _noise(y)) if lam is None else _positive(lam, "lam", allow_zero=True)
+    lam = _default_lam(y - b, estimate_noise(y)) if lam is None else _positive(lam, "lam", allow_zero=True)
     max_iter = _count(max_iter, "max_iter")
     tol = _positive(tol, "tol", allow_zero=True)
     periodic = _boundary(op) == "periodic"
 
     def normal(u):
-        gy, gx = _grad(u, periodic)
-        return op.adjoint(op.apply(u)) - np.float32(lam) * _div(gy, gx, periodic)
+        gy, gx = gradient(u, periodic)
+        return op.adjoint(op.apply(u)) - np.float32(lam) * divergence(gy, gx, periodic)
 
-    u = np.zeros_like(y) if x0 is None else np.array(x0, dtype=np.float32)
+    u = xp.zeros_like(y) if x0 is None else xp.array(x0, dtype=np.float32)
     r = op.adjoint(y - np.float32(b)) - (normal(u) if x0 is not None else 0)
-    r = np.asarray(r, dtype=np.float32)
+    r = xp.asarray(r, dtype=np.float32)
     p = r.copy()
-    rr = float(np.vdot(r.astype(np.float64), r))
+    rr = float(xp.vdot(r.astype(np.float64), r))
     rr0 = rr
     k = 0
     while k < max_iter and rr > (tol ** 2) * rr0 and rr > 0:
         q = normal(p)
-        alpha = rr / float(np.vdot(p.astype(np.float64), q))
+        alpha = rr / float(xp.vdot(p.astype(np.float64), q))
         u += np.float32(alpha) * p
         r -= np.float32(alpha) * q
-        rr_new = float(np.vdot(r.astype(np.float64), r))
+        rr_new = float(xp.vdot(r.astype(np.float64), r))
         p = r + np.float32(rr_new / rr) * p
         rr = rr_new
         k += 1
@@ -237,37 +272,41 @@ def tikhonov_fourier(image, psf, *, lam: float, offset: float = 0.0) -> np.ndarr
 
     Parameters
     ----------
-    image : array, shape (ny, nx)
+    image : array or DataArray, shape (ny, nx), NumPy or CuPy
     psf : array, shape (ky, kx), odd sizes, centre at ``size // 2``
     lam : float
     offset : float
 
     Returns
     -------
-    ndarray, float32
+    array (ny, nx), float32
+        Of the image's array library (``xp.fft`` of :mod:`pcmx._backend`'s namespace).
     """
-    y = np.asarray(image, dtype=np.float64) - float(offset)
-    h = np.asarray(psf, dtype=np.float64)
+    data = _backend.unwrap(image)
+    xp = _backend.xp(data)
+    y = xp.asarray(data, dtype=np.float64) - float(offset)
+    h = xp.asarray(psf, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] % 2 == 0 or h.shape[1] % 2 == 0:
         raise InputError(f"psf must be a 2D kernel with odd sizes, got shape {h.shape}")
     if h.shape[0] > y.shape[0] or h.shape[1] > y.shape[1]:
         raise InputError(f"psf {h.shape} is larger than the image {y.shape}")
-    pad = np.zeros_like(y)
+    pad = xp.zeros_like(y)
     pad[:h.shape[0], :h.shape[1]] = h
-    pad = np.roll(pad, (-(h.shape[0] // 2), -(h.shape[1] // 2)), axis=(0, 1))
-    hf = np.fft.rfft2(pad)
-    ky = np.fft.fftfreq(y.shape[0])[:, None]
-    kx = np.fft.rfftfreq(y.shape[1])[None, :]
-    d2 = 4 * np.sin(np.pi * ky) ** 2 + 4 * np.sin(np.pi * kx) ** 2
-    uf = np.conj(hf) * np.fft.rfft2(y) / (np.abs(hf) ** 2 + float(lam) * d2)
-    return np.fft.irfft2(uf, s=y.shape).astype(np.float32)
+    pad = xp.roll(pad, (-(h.shape[0] // 2), -(h.shape[1] // 2)), axis=(0, 1))
+    hf = xp.fft.rfft2(pad)
+    ky = xp.fft.fftfreq(y.shape[0])[:, None]
+    kx = xp.fft.rfftfreq(y.shape[1])[None, :]
+    d2 = 4 * xp.sin(np.pi * ky) ** 2 + 4 * xp.sin(np.pi * kx) ** 2
+    uf = xp.conj(hf) * xp.fft.rfft2(y) / (xp.abs(hf) ** 2 + float(lam) * d2)
+    return xp.fft.irfft2(uf, s=y.shape).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
 # Richardson-Lucy with TV
 # --------------------------------------------------------------------------------------------
 def richardson_lucy_tv(image, operator, *, lam: float = 0.002, n_iter: int = 50,
-                       offset: float | None = None, eps: float | None = None):
+                       offset: float | None = None, eps: float | None = None,
+                       boundary: str = "reflect"):
     r"""Richardson-Lucy deconvolution with total-variation regularisation (Dey et al. 2006).
 
     Poisson maximum likelihood with the model ``y ~ Poisson(H u + b)`` and the penalty
@@ -290,6 +329,9 @@ def richardson_lucy_tv(image, operator, *, lam: float = 0.002, n_iter: int = 50,
         likelihood and positivity stay exact); :func:`estimate_offset` when None.
     eps : float, optional
         Smoothing of ``|grad u|`` (default 1e-3 times the mean of ``y - b``).
+    boundary : {"reflect", "zero", "periodic"}
+        Boundary of the operator built from a Dataset or store path (default "reflect", as
+        in :func:`pcmx.deblur.sparse_smooth`); a ProductConvolution keeps its own.
 
     Returns
     -------
@@ -309,32 +351,33 @@ def richardson_lucy_tv(image, operator, *, lam: float = 0.002, n_iter: int = 50,
     only acts on isolated pixels when ``lam`` is too large). Start: the constant image of
     the same flux.
     """
-    op = _engine(operator)
+    op = _engine(operator, boundary)
     y, template = _image(image, op)
+    xp = _backend.xp(y)
     b = _offset(y, offset)
     lam = _positive(lam, "lam", allow_zero=True)
     n_iter = _count(n_iter, "n_iter")
     periodic = _boundary(op) == "periodic"
-    ht1 = np.asarray(op.adjoint(np.ones_like(y)), dtype=np.float32)
+    ht1 = xp.asarray(op.adjoint(xp.ones_like(y)), dtype=np.float32)
     floor = np.float32(1e-3) * float(ht1.max())
     if not floor > 0:
         raise InputError("operator: H^T 1 is zero everywhere; nothing to deconvolve")
-    ht1 = np.maximum(ht1, floor)
-    flux = max(float(np.sum(np.clip(y - b, 0, None), dtype=np.float64)), 1e-12)
+    ht1 = xp.maximum(ht1, floor)
+    flux = max(float(xp.sum(xp.maximum(y - b, 0), dtype=np.float64)), 1e-12)
     eps = np.float32(1e-3 * flux / y.size if eps is None else _positive(eps, "eps"))
-    u = np.full_like(y, flux / float(np.sum(ht1, dtype=np.float64)))
-    y_pos = np.clip(y, 0, None)  # read noise can make counts negative; Poisson needs >= 0
+    u = xp.full_like(y, flux / float(xp.sum(ht1, dtype=np.float64)))
+    y_pos = xp.maximum(y, 0)  # read noise can make counts negative; Poisson needs >= 0
     b32 = np.float32(b)
     tiny = np.float32(1e-12 * max(flux / y.size, 1e-30))
     for _ in range(n_iter):
-        model = np.asarray(op.apply(u), dtype=np.float32)
-        ratio = y_pos / np.maximum(model + b32, tiny)
-        corr = np.asarray(op.adjoint(ratio), dtype=np.float32)
+        model = xp.asarray(op.apply(u), dtype=np.float32)
+        ratio = y_pos / xp.maximum(model + b32, tiny)
+        corr = xp.asarray(op.adjoint(ratio), dtype=np.float32)
         if lam > 0:
-            gy, gx = _grad(u, periodic)
-            norm = np.sqrt(gy * gy + gx * gx + eps * eps)
-            denom = ht1 - np.float32(lam) * _div(gy / norm, gx / norm, periodic)
-            denom = np.maximum(denom, np.float32(0.1) * ht1)
+            gy, gx = gradient(u, periodic)
+            norm = xp.sqrt(gy * gy + gx * gx + eps * eps)
+            denom = ht1 - np.float32(lam) * divergence(gy / norm, gx / norm, periodic)
+            denom = xp.maximum(denom, np.float32(0.1) * ht1)
         else:
             denom = ht1
         u = u * corr / denom
@@ -345,27 +388,50 @@ def richardson_lucy_tv(image, operator, *, lam: float = 0.002, n_iter: int = 50,
 # --------------------------------------------------------------------------------------------
 # FISTA with a Haar l1 penalty
 # --------------------------------------------------------------------------------------------
-class _Haar:
-    """Orthonormal 2D Haar transform (PyWavelets, periodization) as flat coefficient arrays."""
+class HaarTransform:
+    """Orthonormal 2D Haar transform (PyWavelets, ``mode="periodization"``) as flat arrays.
 
-    def __init__(self, shape, levels: int):
+    ``forward`` (analysis ``W``) maps an image to the array of its wavelet coefficients
+    (``pywt.coeffs_to_array`` layout, the coarse approximation in the top-left block
+    ``approx``), ``inverse`` (synthesis ``W^T = W^-1``) maps it back.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        The image shape. Sizes divisible by ``2**levels`` make ``W`` square and orthonormal
+        (``inverse`` is its adjoint). Other sizes are padded by the periodization: ``W`` then
+        has more coefficients than pixels and ``inverse`` is a left inverse, not the adjoint
+        (the soft-threshold step of :func:`fista_haar` is then an approximate prox).
+    levels : int
+        Decomposition levels (at most ``pywt.dwtn_max_level(shape, "haar")``).
+    like : array, optional
+        Images in and out are of this array's library (NumPy when None). PyWavelets has no
+        CuPy implementation: the transform runs on the host, and this class is the one place
+        where a CuPy image is copied there and back; the coefficients are NumPy arrays.
+    """
+
+    def __init__(self, shape, levels: int, *, like=None):
         import pywt
 
         self.pywt = pywt
-        self.shape = shape
+        self.shape = tuple(shape)
         self.levels = levels
+        self.xp = _backend.xp(like)
         coeffs = pywt.wavedec2(np.zeros(shape, np.float32), "haar", mode="periodization", level=levels)
         _, self.slices = pywt.coeffs_to_array(coeffs)
         self.approx = self.slices[0]  # the coarse approximation: not penalised
 
-    def forward(self, u):
-        c = self.pywt.wavedec2(u, "haar", mode="periodization", level=self.levels)
+    def forward(self, u) -> np.ndarray:
+        """``W u``: the flat coefficient array (NumPy) of an image (NumPy or CuPy)."""
+        c = self.pywt.wavedec2(_backend.asnumpy(u), "haar", mode="periodization", level=self.levels)
         return self.pywt.coeffs_to_array(c)[0]
 
     def inverse(self, arr):
+        """``W^T c``: the image (float32, the library of ``like``) of a coefficient array."""
         c = self.pywt.array_to_coeffs(arr, self.slices, output_format="wavedec2")
         u = self.pywt.waverec2(c, "haar", mode="periodization")
-        return np.ascontiguousarray(u[:self.shape[0], :self.shape[1]], dtype=np.float32)
+        u = np.ascontiguousarray(u[:self.shape[0], :self.shape[1]], dtype=np.float32)
+        return u if self.xp is np else self.xp.asarray(u)
 
     def l1(self, arr) -> float:
         a = arr.copy()
@@ -380,7 +446,7 @@ class _Haar:
 
 def fista_haar(image, operator, *, lam: float | None = None, levels: int | None = None,
                n_iter: int = 100, offset: float | None = None, step: float | None = None,
-               return_objective: bool = False):
+               return_objective: bool = False, boundary: str = "reflect"):
     r"""FISTA with an l1 penalty on Haar wavelet coefficients and non-negativity.
 
     ``min_{u >= 0} 1/2 ||H u - (y - b)||^2 + lam ||W u||_1`` with ``W`` the orthonormal 2D
@@ -405,6 +471,9 @@ def fista_haar(image, operator, *, lam: float | None = None, levels: int | None 
     return_objective : bool
         Also return the objective after each iteration (float64 array, length ``n_iter + 1``,
         the first entry at the start ``u = 0``).
+    boundary : {"reflect", "zero", "periodic"}
+        Boundary of the operator built from a Dataset or store path (default "reflect", as
+        in :func:`pcmx.deblur.sparse_smooth`); a ProductConvolution keeps its own.
 
     Returns
     -------
@@ -424,15 +493,17 @@ def fista_haar(image, operator, *, lam: float | None = None, levels: int | None 
     2009) keeps the previous iterate whenever the proximal point does not decrease the
     objective, so the objective never increases; ``H`` of the extrapolated point is the same
     combination of ``H`` of the iterates, so an iteration costs one ``apply`` and one
-    ``adjoint``.
+    ``adjoint``. PyWavelets has no CuPy path: with a CuPy image the wavelet step runs on the
+    host (:class:`HaarTransform`), everything else on the device.
     """
     import pywt
 
-    op = _engine(operator)
+    op = _engine(operator, boundary)
     y, template = _image(image, op)
+    xp = _backend.xp(y)
     b = _offset(y, offset)
     d = y - np.float32(b)
-    lam = _noise(y) if lam is None else _positive(lam, "lam", allow_zero=True)
+    lam = estimate_noise(y) if lam is None else _positive(lam, "lam", allow_zero=True)
     n_iter = _count(n_iter, "n_iter")
     max_level = pywt.dwtn_max_level(y.shape, "haar")
     levels = min(4, max_level) if levels is None else _count(levels, "levels")
@@ -444,22 +515,22 @@ def fista_haar(image, operator, *, lam: float | None = None, levels: int | None 
         step = 1.0 / (1.01 * float(op.norm_estimate()) ** 2)
     else:
         step = _positive(step, "step")
-    W = _Haar(y.shape, levels)
+    W = HaarTransform(y.shape, levels, like=y)
 
     def objective(hu, u):
         r = (hu - d).astype(np.float64)
-        return 0.5 * float(np.vdot(r, r)) + lam * W.l1(W.forward(u))
+        return 0.5 * float(xp.vdot(r, r)) + lam * W.l1(W.forward(u))
 
-    u = np.zeros_like(y)
-    hu = np.zeros_like(y)
+    u = xp.zeros_like(y)
+    hu = xp.zeros_like(y)
     v, hv = u, hu  # extrapolated point and H of it
     f = objective(hu, u)
     history = [f]
     t = 1.0
     for _ in range(n_iter):
-        g = np.asarray(op.adjoint(hv - d), dtype=np.float32)
-        z = np.maximum(W.inverse(W.shrink(W.forward(v - np.float32(step) * g), lam * step)), 0)
-        hz = np.asarray(op.apply(z), dtype=np.float32)
+        g = xp.asarray(op.adjoint(hv - d), dtype=np.float32)
+        z = xp.maximum(W.inverse(W.shrink(W.forward(v - np.float32(step) * g), lam * step)), 0)
+        hz = xp.asarray(op.apply(z), dtype=np.float32)
         fz = objective(hz, z)
         t_new = (1 + np.sqrt(1 + 4 * t * t)) / 2
         if fz <= f:

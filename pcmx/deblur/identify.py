@@ -37,12 +37,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
+from .. import _backend
 from ..errors import InputError
+from ..patches import bead_patches, patches_at
 
 _MAX_VERTEX_STARTS = 8  # the best-fitting generators used as extra starts (all when K <= 8)
 
 __all__ = ["Identification", "identify_operator", "dirac_comb_distance", "project_onto_family",
-           "check_family_grid"]
+           "check_family_grid", "checked_image"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,22 +144,44 @@ def check_family_grid(image: xr.DataArray, family: xr.Dataset, *, what: str = "f
                              f"units {family[dim].attrs.get('units')!r})")
 
 
-def _checked_image(image) -> xr.DataArray:
+def checked_image(image) -> xr.DataArray:
+    """The image to deblur as a 2D (y, x) DataArray, checked: the one validator of deblurring.
+
+    Parameters
+    ----------
+    image : path, array or DataArray (y, x)
+        NumPy, CuPy or Dask data (kept as is: the DataArray wraps the same array).
+
+    Returns
+    -------
+    DataArray (y, x)
+        :func:`pcmx.io.readers.as_image` of ``image`` (pixel coordinates when it has none).
+
+    Raises
+    ------
+    InputError
+        An image that is not 2D, has no real-number pixel type, or holds NaN or infinite
+        values (the message gives their number).
+    """
     from ..io.readers import as_image
 
     img = as_image(image)
     if img.ndim != 2:
         raise InputError(f"image: expected a 2D (y, x) image, got dims {img.dims}")
-    data = np.asarray(img.values)
-    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-        n = int(np.count_nonzero(~np.isfinite(data)))
-        raise InputError(f"image: contains {n} NaN or infinite values")
+    data = img.data
+    if data.dtype.kind not in "fiu":
+        raise InputError(f"image: dtype {data.dtype} is not a real number type")
+    xp = _backend.xp(data)
+    if data.dtype.kind == "f":
+        n = int(xp.count_nonzero(~xp.isfinite(data)))
+        if n:
+            raise InputError(f"image: contains {n} NaN or infinite values")
     return img
 
 
 def _family_radius(family: xr.Dataset, psf_radius) -> int:
     """The bead radius r whose patches have the family's kernel size (2 ceil(1.2 r) + 1)."""
-    from ..beads import patch_half_size
+    from ..beads import R_EXT_FACTOR, patch_half_size
 
     half = family.sizes["ky"] // 2
     if family.sizes["kx"] != family.sizes["ky"]:
@@ -165,7 +189,7 @@ def _family_radius(family: xr.Dataset, psf_radius) -> int:
     if psf_radius is None:
         psf_radius = (family.attrs.get("pcmx_parameters") or {}).get("psf_radius")
     if psf_radius is None:  # largest r with ceil(1.2 r) == half
-        psf_radius = max(1, int(np.floor(half / 1.2)))
+        psf_radius = max(1, int(np.floor(half / R_EXT_FACTOR)))
     r = int(psf_radius)
     got = int(patch_half_size(r, 2)[0])
     if got != half:
@@ -178,31 +202,13 @@ def _family_radius(family: xr.Dataset, psf_radius) -> int:
 # point sources -> coefficients c_p
 # --------------------------------------------------------------------------------------------
 def _point_patches(img: xr.DataArray, r: int, positions, n_sources):
-    """Centred, background-free patches (App. A a-c, App. B) and their positions."""
-    from .. import background as bg
-    from .. import beads
-    from ..learn import bead_patches
-
+    """Centred, background-free patches (App. A a-c, App. B) and their positions: the bead
+    pipeline of :mod:`pcmx.patches`, on detections or at the given positions."""
     if positions is None:
-        bp = bead_patches(img, psf_radius=r)
-        patches, pos = bp.patches, bp.positions
-        if n_sources is not None:  # detections come sorted by strength: keep the strongest
-            patches, pos = patches.isel(bead=slice(0, int(n_sources))), pos[: int(n_sources)]
-        return patches, pos
-    pos = np.asarray(positions, dtype=np.float64)
-    if pos.ndim != 2 or pos.shape[1] != 2 or not np.all(np.isfinite(pos)):
-        raise InputError(f"positions: expected a finite (P, 2) array of (y, x) pixels, got shape {pos.shape}")
-    ny, nx = img.shape
-    half = int(beads.patch_half_size(r, 2)[0])
-    outside = (pos[:, 0] < half) | (pos[:, 0] > ny - 1 - half) | (pos[:, 1] < half) | (pos[:, 1] > nx - 1 - half)
-    if outside.any():
-        raise InputError(f"positions: {int(outside.sum())} of {len(pos)} point sources lie closer than "
-                         f"the patch half side {half} px to the border (e.g. {pos[outside][0].tolist()})")
-    work = np.asarray(img.values, dtype=np.float32)
-    pos = beads.center_beads(work, pos, r)
-    patches = beads.extract_patches(work, pos, r)
-    patches = bg.subtract_background(patches, r, image=work, positions=pos, mask_positions=pos)
-    return patches, np.asarray(pos, dtype=np.float64)
+        bp = bead_patches(img, psf_radius=r, max_beads=n_sources)
+    else:
+        bp = patches_at(img, positions, r)
+    return bp.patches, bp.positions
 
 
 def _modes_at(family: xr.Dataset, pos: np.ndarray) -> np.ndarray:
@@ -331,8 +337,12 @@ def identify_operator(image, family, *, positions=None, n_sources: int | None = 
     from ..model import family_operator
 
     family = _check_family(family)
-    img = _checked_image(image)
+    img = checked_image(image)
     check_family_grid(img, family)
+    if _backend.is_cupy(img):
+        # the bead pipeline has no CuPy path: identification works on a few small patches, on
+        # the host (this is the one conversion; the restoration stays on the device)
+        img = img.copy(data=_backend.asnumpy(img.data))
     r = _family_radius(family, psf_radius)
     if n_sources is not None and (int(n_sources) != n_sources or n_sources < 1):
         raise InputError(f"n_sources={n_sources!r} must be a positive integer")

@@ -9,23 +9,27 @@
 from __future__ import annotations
 
 import numpy as np
-import scipy.ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
+from .. import _backend
 from ..errors import InputError
+from ..noise import robust_sigma
 
 __all__ = ["find_sources", "match_sources", "score_restoration"]
 
 
-def _as_2d(u, name: str) -> np.ndarray:
-    a = np.asarray(getattr(u, "values", u))
+def _as_2d(u, name: str):
+    """``u`` as a float64 2D array of its own library (NumPy or CuPy), checked."""
+    a = _backend.unwrap(u)
+    xp = _backend.xp(a)
+    a = xp.asarray(a)
     if a.ndim != 2:
         raise InputError(f"{name} must be a 2D image, got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+    if not np.issubdtype(a.dtype, np.number) or a.dtype.kind == "c":
         raise InputError(f"{name} must hold real numbers, got dtype {a.dtype}")
     a = a.astype(np.float64, copy=False)
-    n_bad = int(np.count_nonzero(~np.isfinite(a)))
+    n_bad = int(xp.count_nonzero(~xp.isfinite(a)))
     if n_bad:
         raise InputError(f"{name} has {n_bad} non-finite pixels (NaN or inf)")
     return a
@@ -39,7 +43,8 @@ def find_sources(u, *, threshold: float | None = None, min_distance: int = 1,
     Parameters
     ----------
     u : array or DataArray, shape (ny, nx)
-        A restored sparse map (e.g. BSS's ``u1``) or any restored image.
+        A restored sparse map (e.g. BSS's ``u1``) or any restored image, NumPy or CuPy (the
+        image-sized steps run on its library, :mod:`pcmx._backend`).
     threshold : float, optional
         Minimal value of a maximum. Default (automatic): ``max(relative * m, 5 * s)`` where
         ``m`` is a robust maximum (the 99.9th percentile of the positive pixels, so a few hot
@@ -56,9 +61,10 @@ def find_sources(u, *, threshold: float | None = None, min_distance: int = 1,
 
     Returns
     -------
-    y, x : float64 arrays, shape (n,)
+    y, x : float64 NumPy arrays, shape (n,)
         Sub-pixel positions (pixel indices): the intensity-weighted centroid of the 3 x 3
-        neighbourhood of each maximum, weights ``u - min(3 x 3)`` clipped at 0.
+        neighbourhood of each maximum, weights ``u - min(3 x 3)`` clipped at 0. NumPy for
+        any ``u``: a list of points, for :func:`match_sources`'s k-d tree on the host.
 
     Raises
     ------
@@ -66,6 +72,7 @@ def find_sources(u, *, threshold: float | None = None, min_distance: int = 1,
         If ``u`` is not a finite real 2D image or a parameter is out of range.
     """
     a = _as_2d(u, "u")
+    xp, nd = _backend.xp(a), _backend.ndimage_module(a)
     if int(min_distance) < 1:
         raise InputError(f"min_distance must be >= 1, got {min_distance}")
     if int(exclude_border) < 0:
@@ -76,30 +83,32 @@ def find_sources(u, *, threshold: float | None = None, min_distance: int = 1,
         pos = a[a > 0]
         if pos.size == 0:
             return np.zeros(0), np.zeros(0)
-        robust_max = float(np.percentile(pos, 99.9))
-        med = float(np.median(a))
-        sigma = 1.4826 * float(np.median(np.abs(a - med)))
+        robust_max = float(xp.percentile(pos, 99.9))
+        sigma = robust_sigma(a, max_samples=None)
         threshold = max(relative * robust_max, 5.0 * sigma)
     elif not np.isfinite(threshold):
         raise InputError(f"threshold must be finite, got {threshold}")
     md = int(min_distance)
     size = 2 * md + 1
-    local_max = ndi.maximum_filter(a, size=size, mode="nearest")
+    local_max = nd.maximum_filter(a, size=size, mode="nearest")
     peaks = (a == local_max) & (a > threshold)
     # plateaus: one pixel (the first in raster order) per connected group of equal maxima
-    labels, n = ndi.label(peaks, structure=np.ones((3, 3), bool))
+    labels, n = nd.label(peaks, structure=xp.ones((3, 3), bool))
+    n = int(n)
     if n == 0:
         return np.zeros(0), np.zeros(0)
-    first = ndi.minimum(np.arange(a.size).reshape(a.shape), labels, np.arange(1, n + 1))
-    iy, ix = np.unravel_index(np.asarray(first, dtype=np.intp), a.shape)
+    first = nd.minimum(xp.arange(a.size).reshape(a.shape), labels, xp.arange(1, n + 1))
+    iy, ix = np.unravel_index(np.asarray(_backend.asnumpy(first), dtype=np.intp), a.shape)
     b = int(exclude_border)
     if b:
         keep = (iy >= b) & (iy < a.shape[0] - b) & (ix >= b) & (ix < a.shape[1] - b)
         iy, ix = iy[keep], ix[keep]
     # 3 x 3 centroid, vectorised over the peaks (edge-padded so border peaks work too)
-    pad = np.pad(a, 1, mode="edge")
+    pad = xp.pad(a, 1, mode="edge")
     d = np.arange(-1, 2)
-    win = pad[iy[:, None, None] + 1 + d[None, :, None], ix[:, None, None] + 1 + d[None, None, :]]
+    rows = xp.asarray(iy[:, None, None] + 1 + d[None, :, None])
+    cols = xp.asarray(ix[:, None, None] + 1 + d[None, None, :])
+    win = _backend.asnumpy(pad[rows, cols])  # (n, 3, 3): small, on the host
     w = np.clip(win - win.min(axis=(1, 2), keepdims=True), 0, None)
     tot = w.sum(axis=(1, 2))
     ok = tot > 0

@@ -64,9 +64,12 @@ import time
 import numpy as np
 import xarray as xr
 
+from .. import _backend
 from ..errors import InputError
+from ..noise import estimate_noise
+from .identify import check_family_grid, checked_image
 
-__all__ = ["sparse_smooth", "deblur", "estimate_noise", "laplacian", "default_weights", "lipschitz_estimate"]
+__all__ = ["sparse_smooth", "deblur", "laplacian", "default_weights", "lipschitz_estimate"]
 
 GAMMA1_FACTOR = 4.0
 """gamma1 = GAMMA1_FACTOR * sigma * ||h||_2 (see the module docstring)."""
@@ -79,36 +82,28 @@ _BACKTRACK = 1.1  # step divided by this when the sufficient-decrease test fails
 # --------------------------------------------------------------------------------------------
 # small pieces
 # --------------------------------------------------------------------------------------------
-def estimate_noise(image) -> float:
-    """Robust standard deviation of the noise of an image (float).
-
-    The image is filtered with the high-pass kernel ``[[1, -2, 1], [-2, 4, -2], [1, -2, 1]]``
-    (Immerkaer 1996), which cancels constant, linear and most of a smooth background, and the
-    median absolute value of the result is divided by ``0.6745 * 6`` (6 is the kernel's l2
-    norm, 0.6745 the median of ``|N(0, 1)|``). With Poisson noise this is the noise of the
-    typical (background) pixel: a median ignores the sparse bright sources.
-    """
-    y = np.asarray(image, dtype=np.float32)
-    if y.ndim != 2 or min(y.shape) < 3:
-        raise InputError(f"image: estimate_noise needs a 2D image of at least 3 x 3, got shape {y.shape}")
-    hp = (y[:-2, :-2] - 2 * y[:-2, 1:-1] + y[:-2, 2:]
-          - 2 * y[1:-1, :-2] + 4 * y[1:-1, 1:-1] - 2 * y[1:-1, 2:]
-          + y[2:, :-2] - 2 * y[2:, 1:-1] + y[2:, 2:])
-    return float(np.median(np.abs(hp))) / (0.6745 * 6.0)
-
-
-def laplacian(u: np.ndarray) -> np.ndarray:
+def laplacian(u):
     """5-point Laplacian with Neumann (mirror) boundaries, ``-(D_y^T D_y + D_x^T D_x) u``.
 
     Symmetric and negative semi-definite, eigenvalues in ``[-8, 0]``, diagonalised by the
     DCT-II (the constant image is its kernel).
+
+    Parameters
+    ----------
+    u : array (ny, nx), NumPy or CuPy
+
+    Returns
+    -------
+    array (ny, nx)
+        Of ``u``'s library and dtype.
     """
-    u = np.asarray(u)
-    out = np.zeros_like(u)
-    dy = np.diff(u, axis=0)
+    xp = _backend.xp(u)
+    u = xp.asarray(u)
+    out = xp.zeros_like(u)
+    dy = xp.diff(u, axis=0)
     out[:-1] += dy
     out[1:] -= dy
-    dx = np.diff(u, axis=1)
+    dx = xp.diff(u, axis=1)
     out[:, :-1] += dx
     out[:, 1:] -= dx
     return out
@@ -162,7 +157,7 @@ def default_weights(image, op, *, sigma: float | None = None,
             "psf_l2": l2, "psf_fwhm_px": fwhm, "background_scale_px": ell}
 
 
-def lipschitz_estimate(op, *, n_iter: int = 3, rtol: float = 1e-3) -> float:
+def lipschitz_estimate(op, *, n_iter: int = 3, rtol: float = 1e-3, like=None) -> float:
     """``||H||^2`` by power iteration on ``H^T H`` started from the constant image.
 
     The largest singular vector of a blur (non-negative PSFs) is non-negative and smooth
@@ -171,17 +166,34 @@ def lipschitz_estimate(op, *, n_iter: int = 3, rtol: float = 1e-3) -> float:
     camera frame. Power iteration approaches the value from below: :func:`sparse_smooth`
     uses it as the initial guess of a backtracking line search, which corrects it. A cached
     :meth:`ProductConvolution.norm_estimate` is used when available.
+
+    Parameters
+    ----------
+    op : object with ``apply``, ``adjoint`` and ``shape``
+    n_iter : int
+        Power iterations at most.
+    rtol : float
+        Stop when the estimate changes by less than this (relative).
+    like : array, optional
+        Iterate with this array's library (NumPy or CuPy, :mod:`pcmx._backend`); NumPy when
+        None.
+
+    Returns
+    -------
+    float
+        The estimate of ``||H||^2`` (from below).
     """
     cached = getattr(op, "_norm", None)
     if cached is not None:
         return float(cached) ** 2
-    x = np.ones(tuple(op.shape), dtype=np.float32)
-    x /= np.float32(np.linalg.norm(x))
+    xp = _backend.xp(like)  # NumPy for None
+    x = xp.ones(tuple(op.shape), dtype=np.float32)
+    x /= np.float32(xp.linalg.norm(x))
     lam = 0.0
     for _ in range(int(n_iter)):
-        z = np.asarray(op.adjoint(op.apply(x)), dtype=np.float32)
-        new = float(np.vdot(x, z))
-        nz = float(np.linalg.norm(z))
+        z = xp.asarray(op.adjoint(op.apply(x)), dtype=np.float32)
+        new = float(xp.vdot(x, z))
+        nz = float(xp.linalg.norm(z))
         if nz == 0:
             return 0.0
         x = z / np.float32(nz)
@@ -229,8 +241,9 @@ class _SmoothProx:
     """
 
     def __init__(self, shape, tau_gamma2: float, *, max_inner: int = 3, tol: float = 1e-4,
-                 workers: int | None = -1) -> None:
-        self._lam2 = _laplacian_eigenvalues(shape) ** 2
+                 workers: int | None = -1, like=None) -> None:
+        self.xp = _backend.xp(like)  # the arrays' library (NumPy for None)
+        self._lam2 = self.xp.asarray(_laplacian_eigenvalues(shape) ** 2)
         self.set_step(tau_gamma2)
         self.max_inner = max_inner
         self.tol = tol
@@ -242,17 +255,18 @@ class _SmoothProx:
         """Use ``M = I + 2 tau_gamma2 Lap^2`` (after a change of the step ``tau``)."""
         self.filter = (1.0 / (1.0 + 2.0 * tau_gamma2 * self._lam2)).astype(np.float32)
 
-    def quadratic(self, v: np.ndarray) -> np.ndarray:
+    def quadratic(self, v):
         """``M^-1 v``: the prox without the constraint (exact, two DCTs)."""
-        from scipy.fft import dctn, idctn
-
-        c = dctn(v, type=2, norm="ortho", workers=self.workers)
+        fft = _backend.fft_module(v)
+        kw = _backend.fft_kwargs(fft, self.workers)
+        c = fft.dctn(v, type=2, norm="ortho", **kw)
         c *= self.filter
-        return idctn(c, type=2, norm="ortho", workers=self.workers).astype(np.float32, copy=False)
+        return fft.idctn(c, type=2, norm="ortho", **kw).astype(np.float32, copy=False)
 
-    def __call__(self, v: np.ndarray) -> np.ndarray:
+    def __call__(self, v):
+        xp = _backend.xp(v)
         lam = self.multiplier
-        scale = float(np.abs(v).max()) if v.size else 0.0
+        scale = float(xp.abs(v).max()) if v.size else 0.0
         for _ in range(self.max_inner):
             u = self.quadratic(v if lam is None else v + lam)
             self.inner += 1
@@ -260,14 +274,15 @@ class _SmoothProx:
             if lam is None:
                 if neg >= 0.0:
                     return u
-                lam = np.zeros_like(u)
+                lam = xp.zeros_like(u)
             # optimal when feasible and complementary (up to tol of the data's scale)
-            slack = float(np.abs(u[lam > 0]).max()) if np.any(lam > 0) else 0.0
+            active = lam > 0
+            slack = float(xp.abs(u[active]).max()) if bool(xp.any(active)) else 0.0
             if neg >= -self.tol * scale and slack <= self.tol * scale:
                 break
-            lam = np.maximum(lam - u, 0.0)
-        self.multiplier = lam if lam is not None and np.any(lam > 0) else None
-        return np.maximum(u, 0.0)
+            lam = xp.maximum(lam - u, 0.0)
+        self.multiplier = lam if lam is not None and bool(xp.any(lam > 0)) else None
+        return xp.maximum(u, 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,9 +343,7 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
         A non-finite image, an image off the operator's grid (shape or pixel size), negative
         or non-finite weights.
     """
-    from .identify import _checked_image, check_family_grid
-
-    img = _checked_image(image)
+    img = checked_image(image)
     op = _as_engine(operator, boundary)
     if tuple(op.shape) != tuple(img.shape):
         raise InputError(f"image: shape {tuple(img.shape)} does not match the operator's grid {tuple(op.shape)}")
@@ -346,55 +359,60 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
     if not tol >= 0:
         raise InputError(f"tol={tol!r} must be non-negative")
     t_start = time.perf_counter()
-    y = np.ascontiguousarray(img.values, dtype=np.float32)
+    data = img.data
+    xp = _backend.xp(data)  # the one dispatch: NumPy in, NumPy out; CuPy in, CuPy out
+    y = xp.ascontiguousarray(xp.asarray(data), dtype=np.float32)
     dw = default_weights(y, op, background_scale=background_scale)
     g1 = dw["gamma1"] if gamma1 is None else gamma1
     g2 = dw["gamma2"] if gamma2 is None else gamma2
-    lip = lipschitz_estimate(op) * _LIPSCHITZ_SAFETY
+    lip = lipschitz_estimate(op, like=y) * _LIPSCHITZ_SAFETY
     if not lip > 0:
         raise InputError("operator: H is zero (its norm estimate is 0); nothing to deblur")
     tau = 1.0 / (2.0 * lip)
-    prox2 = _SmoothProx(y.shape, tau * g2)
+    prox2 = _SmoothProx(y.shape, tau * g2, like=y)
     fixed_b = None if offset is None else float(offset)
+
+    def dot(a, b) -> float:
+        return float(xp.vdot(a, b))
 
     def residual(hx):
         r = hx - y
-        b = -float(np.mean(r, dtype=np.float64)) if fixed_b is None else fixed_b
+        b = -float(xp.mean(r, dtype=np.float64)) if fixed_b is None else fixed_b
         r += np.float32(b)
         return r, b
 
     def penalties(u1, u2):
         lap = laplacian(u2)
-        return g1 * float(np.sum(u1, dtype=np.float64)) + g2 * float(np.vdot(lap, lap))
+        return g1 * float(xp.sum(u1, dtype=np.float64)) + g2 * dot(lap, lap)
 
-    u1 = np.zeros_like(y)
-    u2 = np.zeros_like(y)
-    hx = np.zeros_like(y)
+    u1 = xp.zeros_like(y)
+    u2 = xp.zeros_like(y)
+    hx = xp.zeros_like(y)
     v1, v2, hv = u1, u2, hx  # extrapolated point and H of it
     t = 1.0
     r0 = residual(hx)[0]
-    history = [0.5 * float(np.vdot(r0, r0))]
+    history = [0.5 * dot(r0, r0)]
     restarts = backtracks = 0
     converged = False
     k = 0
     for k in range(1, int(max_iter) + 1):
         r, _ = residual(hv)
-        f_v = 0.5 * float(np.vdot(r, r))
-        grad = np.asarray(op.adjoint(r), dtype=np.float32)
+        f_v = 0.5 * dot(r, r)
+        grad = xp.asarray(op.adjoint(r), dtype=np.float32)
         while True:  # backtracking on the step (Beck & Teboulle); rarely more than one pass
             tau32 = np.float32(tau)
             step = grad * tau32
             n1 = v1 - step
             n1 -= np.float32(tau * g1)
-            np.maximum(n1, 0.0, out=n1)
-            step = np.subtract(v2, step, out=step)
+            xp.maximum(n1, 0.0, out=n1)
+            step = xp.subtract(v2, step, out=step)
             n2 = prox2(step)
-            hn = np.asarray(op.apply(n1 + n2), dtype=np.float32)
+            hn = xp.asarray(op.apply(n1 + n2), dtype=np.float32)
             rn, _ = residual(hn)
-            f_n = 0.5 * float(np.vdot(rn, rn))
+            f_n = 0.5 * dot(rn, rn)
             e1, e2 = n1 - v1, n2 - v2
-            bound = (f_v + float(np.vdot(grad, e1)) + float(np.vdot(grad, e2))
-                     + (float(np.vdot(e1, e1)) + float(np.vdot(e2, e2))) / (2.0 * tau))
+            bound = (f_v + dot(grad, e1) + dot(grad, e2)
+                     + (dot(e1, e1) + dot(e2, e2)) / (2.0 * tau))
             if f_n <= bound + 1e-6 * abs(f_v) + 1e-12:
                 break
             tau /= _BACKTRACK
@@ -402,9 +420,9 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
             backtracks += 1
         d1, d2 = n1 - u1, n2 - u2
         # the proximal-gradient step at the extrapolated point: zero exactly at a minimiser
-        change = np.sqrt(float(np.vdot(e1, e1)) + float(np.vdot(e2, e2)))
-        size = np.sqrt(float(np.vdot(n1, n1)) + float(np.vdot(n2, n2)))
-        if restart and float(np.vdot(e1, d1)) + float(np.vdot(e2, d2)) < 0:
+        change = np.sqrt(dot(e1, e1) + dot(e2, e2))
+        size = np.sqrt(dot(n1, n1) + dot(n2, n2))
+        if restart and dot(e1, d1) + dot(e2, d2) < 0:
             # gradient restart: <y_k - x_{k+1}, x_{k+1} - x_k> > 0 (O'Donoghue & Candes)
             t_new, beta = 1.0, 0.0
             restarts += 1

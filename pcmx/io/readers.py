@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 import xarray as xr
@@ -280,8 +279,3 @@ def _finish_quiet(data, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PcmxWarning)
         return _finish(data, None, "array", None, name=name)
-
-
-def read_images(paths: Sequence, *, pixel_size=None) -> list[xr.DataArray]:
-    """:func:`read_image` for each path (used for families of acquisitions)."""
-    return [read_image(p, pixel_size=pixel_size) for p in paths]

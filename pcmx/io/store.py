@@ -1,16 +1,17 @@
 """Zarr v3 stores of pcmx results: validated, lazy on read, atomic on write.
 
-A write goes to a temporary sibling (``.NAME.pcmx-tmp-XXXX``) and is renamed into place only
-when complete, so a crash or a kill mid-write leaves neither a half store nor a damaged old
+A write goes to a temporary sibling (``.NAME.pcmx-tmp-XXXX``, :func:`pcmx.io.atomic.atomic_dir`)
+and is renamed into place only when complete, so a crash or a kill mid-write leaves neither a half store nor a damaged old
 one. An existing store is replaced only with ``overwrite=True``. Other tools read the result
-with plain ``xarray.open_zarr(path)``.
+with plain ``xarray.open_zarr(path)``; :func:`describe_store` is the summary ``pcmx info``
+prints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import shutil
 import uuid
 from urllib.parse import urlparse
 
@@ -18,10 +19,12 @@ import numpy as np
 import xarray as xr
 
 from ..errors import SchemaError, StoreError, StoreExistsError
-from ..provenance import SCHEMA_VERSION, provenance
+from ..provenance import SCHEMA_VERSION, jsonable, provenance
 from ..schema import validate
+from ..units import format_length, pixel_size
+from .atomic import TEMP_MARKER, atomic_dir
 
-__all__ = ["open_store", "save_store", "is_store"]
+__all__ = ["open_store", "save_store", "is_store", "describe_store"]
 
 _SPATIAL_CHUNK = 1024
 
@@ -41,8 +44,6 @@ def is_store(path) -> bool:
     meta = os.path.join(p, "zarr.json")
     if not os.path.isfile(meta):
         return False
-    import json
-
     try:
         with open(meta) as f:
             return "pcmx_type" in json.load(f).get("attributes", {})
@@ -145,28 +146,14 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
         if not is_store(path):
             raise StoreExistsError(f"{path}: exists and is not a pcmx store; refusing to replace it")
     os.makedirs(parent, exist_ok=True)
-    name = os.path.basename(path)
-    token = uuid.uuid4().hex[:8]
-    tmp = os.path.join(parent, f".{name}.pcmx-tmp-{token}")
-    old = os.path.join(parent, f".{name}.pcmx-old-{token}")
-    try:
-        ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (OSError, ValueError, TypeError)):
-            raise StoreError(f"{path}: write failed ({type(exc).__name__}: {exc}); nothing changed") from exc
-        raise
-    if os.path.exists(path):
-        os.replace(path, old)
+
+    def write(tmp: str) -> None:
         try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+            ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+        except (OSError, ValueError, TypeError) as exc:
+            raise StoreError(f"{path}: write failed ({type(exc).__name__}: {exc}); nothing changed") from exc
+
+    atomic_dir(path, write)
     return path
 
 
@@ -176,7 +163,7 @@ def _save_remote(ds: xr.Dataset, url: str, overwrite: bool) -> str:
     fs, root = fsspec.core.url_to_fs(url)
     if fs.exists(root) and not overwrite:
         raise StoreExistsError(f"{url}: already exists; use overwrite=True (--overwrite) to replace it")
-    tmp_root = f"{root.rstrip('/')}.pcmx-tmp-{uuid.uuid4().hex[:8]}"
+    tmp_root = f"{root.rstrip('/')}{TEMP_MARKER}{uuid.uuid4().hex[:8]}"
     tmp_url = url.replace(root.rstrip("/"), tmp_root, 1)
     try:
         ds.to_zarr(tmp_url, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
@@ -231,3 +218,39 @@ def open_store(path, *, kind: str | None = None, group: str | None = None,
             ds.close()
             raise
     return ds
+
+
+def describe_store(ds: xr.Dataset, *, status: str = "valid") -> str:
+    """A short human-readable summary of a pcmx Dataset (what ``pcmx info`` prints).
+
+    Parameters
+    ----------
+    ds : Dataset
+        A pcmx result, in memory or opened with :func:`open_store`.
+    status : str
+        The validation status to report (``"valid"``, or ``"INVALID: ..."``).
+
+    Returns
+    -------
+    str
+        Lines: kind, validation, dims, pixel sizes, variables with dims and dtypes, version and
+        creation time, inputs with the start of their SHA-256, parameters as JSON.
+    """
+    lines = [f"kind: {ds.attrs.get('pcmx_type', '?')}", f"validation: {status}"]
+    lines.append("dims: " + ", ".join(f"{d}={n}" for d, n in ds.sizes.items()))
+    for d in ("z", "y", "x"):
+        if d in ds.coords:
+            lines.append(f"pixel size {d}: {format_length(pixel_size(ds, d))}")
+    lines.append("variables:")
+    for name, v in ds.data_vars.items():
+        lines.append(f"  {name} {tuple(v.dims)} {v.dtype}")
+    for key in ("pcmx_version", "pcmx_schema_version", "pcmx_created"):
+        if key in ds.attrs:
+            lines.append(f"{key[5:]}: {ds.attrs[key]}")
+    for rec in ds.attrs.get("pcmx_inputs", []) or []:
+        sha = rec.get("sha256") or "-"
+        lines.append(f"input: {rec.get('name')} sha256={sha[:16]}")
+    params = ds.attrs.get("pcmx_parameters")
+    if params:
+        lines.append("parameters: " + json.dumps(jsonable(params), sort_keys=True))
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ from ._psf import Optics
 from ._render import auto_min_separation, render_emitters
 from ._scene import camera, lognormal_brightness, sample_positions, smooth_background
 
-__all__ = ["simulate_beads", "optics_from", "check_shape", "pixels", "seed_streams"]
+__all__ = ["simulate_beads", "optics_from", "check_shape", "pixels", "positive", "seed_streams"]
 
 
 def check_shape(shape, *, ndims=(2, 3)) -> tuple:
@@ -44,7 +44,15 @@ def pixels(value, pixel_size_um: float | None, name: str) -> float:
     return parse_length(value, name=name) / pixel_size_um
 
 
-def _positive(value, name: str, *, allow_zero: bool = False) -> float:
+def positive(value, name: str, *, allow_zero: bool = False) -> float:
+    """``value`` as a float, checked finite and positive (non-negative with ``allow_zero``).
+
+    Raises
+    ------
+    InputError
+        A bool, a non-number, NaN, infinity or a value out of range; the message names
+        ``name``.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) \
             or value < 0 or (value == 0 and not allow_zero):
         kind = "non-negative" if allow_zero else "positive"
@@ -57,9 +65,9 @@ def optics_from(pixel_size, na, wavelength, n_immersion, z_step="200nm",
     """An :class:`Optics` from user parameters (lengths as ``"65nm"`` or Quantities)."""
     return Optics(
         pixel_size=parse_length(pixel_size, name="pixel_size"),
-        na=_positive(na, "na"),
+        na=positive(na, "na"),
         wavelength=parse_length(wavelength, name="wavelength"),
-        n_immersion=_positive(n_immersion, "n_immersion"),
+        n_immersion=positive(n_immersion, "n_immersion"),
         z_step=parse_length(z_step, name="z_step"),
         supersample=supersample,
     )
@@ -182,14 +190,14 @@ def simulate_beads(
     if isinstance(n_beads, bool) or not isinstance(n_beads, numbers.Integral) or n_beads < 0:
         raise InputError(f"n_beads={n_beads!r} must be a non-negative integer")
     optics = optics_from(pixel_size, na, wavelength, n_immersion, z_step, supersample)
-    _positive(photons, "photons", allow_zero=True)
-    _positive(photon_spread, "photon_spread", allow_zero=True)
-    _positive(background_level, "background_level", allow_zero=True)
-    _positive(background_variation, "background_variation", allow_zero=True)
-    _positive(gain, "gain")
-    _positive(offset, "offset", allow_zero=True)
-    _positive(read_noise, "read_noise", allow_zero=True)
-    _positive(aberration_strength, "aberration_strength", allow_zero=True)
+    positive(photons, "photons", allow_zero=True)
+    positive(photon_spread, "photon_spread", allow_zero=True)
+    positive(background_level, "background_level", allow_zero=True)
+    positive(background_variation, "background_variation", allow_zero=True)
+    positive(gain, "gain")
+    positive(offset, "offset", allow_zero=True)
+    positive(read_noise, "read_noise", allow_zero=True)
+    positive(aberration_strength, "aberration_strength", allow_zero=True)
     if isinstance(saturation, bool) or not isinstance(saturation, numbers.Integral) \
             or not 0 < saturation <= 65535:
         raise InputError(f"saturation={saturation!r} must be an integer in 1..65535 (uint16)")

@@ -10,7 +10,7 @@ import xarray as xr
 from ..errors import InputError
 from ..provenance import provenance
 from ..units import pixel_size, spatial_coords
-from ._beads import _positive, check_shape, optics_from, pixels, seed_streams
+from ._beads import check_shape, optics_from, pixels, positive, seed_streams
 from ._model import FieldModel, State, random_field
 from ._render import render_emitters
 from ._scene import lognormal_brightness, scatter_patches, smooth_background
@@ -51,7 +51,7 @@ def _resolve_model(operator, rng, lateral, model_kw):
                              kw.get("wavelength", "670nm"), kw.get("n_immersion", 1.518),
                              kw.get("z_step", "200nm"), kw.get("supersample"))
         if kw.get("aberrations") is None:
-            fm = random_field(lateral, rng, _positive(kw.get("aberration_strength", 1.0),
+            fm = random_field(lateral, rng, positive(kw.get("aberration_strength", 1.0),
                                                       "aberration_strength", allow_zero=True))
         else:
             fm = FieldModel.from_user(lateral, kw["aberrations"])
@@ -158,10 +158,10 @@ def simulate_point_sources(
         n_filaments = max(2, n_sources // 40)
     if isinstance(n_filaments, bool) or not isinstance(n_filaments, numbers.Integral) or n_filaments < 1:
         raise InputError(f"n_filaments={n_filaments!r} must be a positive integer")
-    _positive(photons, "photons", allow_zero=True)
-    _positive(photon_spread, "photon_spread", allow_zero=True)
-    _positive(background, "background", allow_zero=True)
-    _positive(background_variation, "background_variation", allow_zero=True)
+    positive(photons, "photons", allow_zero=True)
+    positive(photon_spread, "photon_spread", allow_zero=True)
+    positive(background, "background", allow_zero=True)
+    positive(background_variation, "background_variation", allow_zero=True)
     ny, nx = shape
     rng, entropy = seed_streams(seed, ("field", "filaments", "sources", "brightness",
                                        "background", "noise"))
