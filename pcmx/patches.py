@@ -183,11 +183,10 @@ def _detect(image, *, psf_radius, threshold, saturation, pixel_size, max_beads) 
         why = ", ".join(f"{k} {v}" for k, v in reasons.items())
         raise InputError(f"{source}: all {len(positions)} detected beads were rejected ({why}); "
                          f"psf_radius r={r} px")
-    kept = positions[keep]
-    if max_beads is not None:  # detections come sorted by strength: keep the strongest
-        kept = kept[: int(max_beads)]
     t0 = time.perf_counter()
-    pos = beads.center_beads(work, kept, r)
+    pos = beads.center_beads(work, positions[keep], r)
+    if max_beads is not None:  # detections come sorted by strength: keep the strongest
+        pos = pos[: int(max_beads)]
     t["centre"] = time.perf_counter() - t0
     return _Detected(work=work, data=data, detections=positions, kept=np.asarray(pos, np.float64),
                      radius=r, counts=counts, timings=t)
