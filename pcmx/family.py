@@ -91,6 +91,7 @@ from .io.checkpoint import (entry_path, open_entry, patches_from_group, patches_
                             prepare_checkpoint, write_entry)
 from .io.readers import PcmxWarning, as_image, read_image
 from .provenance import jsonable, provenance
+from .coefficients import coefficient_maps
 from .fit import Realism, realism_policy
 from .patches import bead_patches, pooled_radius, radius_profiles, radius_sample
 from .psf_basis import fit_psf_basis

@@ -60,7 +60,9 @@ def test_global_estimate_of_a_smooth_background(noise):
     assert abs(err.mean()) < 0.01 and err.std() < 0.1 and np.abs(err).max() < 0.35, (
         err.mean(), err.std(), np.abs(err).max())
     pts = np.array([[100.25, 200.5], [17.0, 333.75]])
-    np.testing.assert_allclose(BG.background_at(est, pts), truth[[100, 17], [200, 334]], atol=0.6)
+    exact = 100 + 30 * np.sin(pts[:, 0] / 60.0) * np.cos(pts[:, 1] / 45.0)  # the field at sub-pixel points
+    # measured: 2e-4 without noise, 0.035 with noise 1 (the std bound above)
+    np.testing.assert_allclose(BG.background_at(est, pts), exact, atol=0.1)
 
 
 def test_cell_spline_reproduces_cell_means():

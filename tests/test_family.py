@@ -47,17 +47,23 @@ def test_family_psfs_match_truth(sim, family):
     ys, xs = np.meshgrid(np.linspace(40, 215, 4), np.linspace(40, 215, 4), indexing="ij")
     ys, xs = ys.ravel(), xs.ravel()
     k = family.sizes["ky"]
-    errors = []
+    errors, invariant = [], []
     for s in range(4):
         coeffs = family.pcmx.coefficients(state=s).values[:, ys.astype(int), xs.astype(int)]
         pred = np.einsum("im,ijk->mjk", coeffs, family["psf_basis"].values)
         pred /= pred.sum(axis=(1, 2), keepdims=True)
         true = true_psfs(sim, ys.astype(int), xs.astype(int), state=s, size=k)
         true /= true.sum(axis=(1, 2), keepdims=True)
-        errors.append(np.median(np.linalg.norm((pred - true).reshape(len(ys), -1), axis=1)
-                                / np.linalg.norm(true.reshape(len(ys), -1), axis=1)))
-    print("median PSF error per state:", np.round(errors, 3))
-    assert max(errors) < 0.35
+        norm = np.linalg.norm(true.reshape(len(ys), -1), axis=1)
+        errors.append(np.median(np.linalg.norm((pred - true).reshape(len(ys), -1), axis=1) / norm))
+        # an oracle space-invariant model of the state: the mean of its true PSFs
+        invariant.append(np.median(np.linalg.norm((true.mean(axis=0) - true).reshape(len(ys), -1),
+                                                  axis=1) / norm))
+    print("median PSF error per state:", np.round(errors, 3), "oracle invariant:", np.round(invariant, 3))
+    # measured: 0.095, 0.089, 0.103, 0.118 against the oracle's 0.172, 0.101, 0.152, 0.092 (state 3
+    # varies least over the field: there the oracle average, which knows the truth, wins)
+    assert max(errors) < 0.14
+    assert np.mean(errors) < 0.85 * np.mean(invariant)
 
 
 def test_rank_rule_and_errors():

@@ -97,7 +97,9 @@ def test_cross_validation_on_simulated_beads(sim):
 
     cv = cross_validate(sim["image"], folds=5)
     print("simulated CV:", cv.attrs)
-    assert cv.attrs["median_error"] < cv.attrs["median_error_invariant"]
+    # measured: 0.034 against 0.124 for the flux-weighted invariant reference (3.7x)
+    assert cv.attrs["median_error"] < 0.05
+    assert cv.attrs["improvement"] > 2.5
 
 
 @pytest.mark.realdata
@@ -109,7 +111,10 @@ def test_real_widefield_focal_plane(realdata):
     cv = op.attrs["pcmx_parameters"]["cross_validation"]
     print("real data CV:", cv, "r =", op.attrs["pcmx_parameters"]["psf_radius"],
           "I =", op.sizes["component"], op.attrs["pcmx_parameters"]["counts"])
-    assert cv["median_error"] <= cv["median_error_invariant"]
+    # measured (2026-12-07): 0.046 against 0.076 for the flux-weighted mean of the same
+    # training beads (1.65x); a tie or a loss fails
+    assert cv["median_error"] < 0.06
+    assert cv["improvement"] > 1.3
 
 
 @pytest.mark.parametrize("radius", [0, -3, "big", (4, 4), True, float("nan")])

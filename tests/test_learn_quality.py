@@ -130,9 +130,9 @@ def test_dim_beads_degrade_gracefully(figures):
     assert all(b <= a for a, b in zip(ranks, ranks[1:], strict=False)), ranks
     assert ranks[-1] <= 5
     dim = figures[2000.0]
-    # peak ~100 photons over a background of 50: the space variation is within the noise,
-    # and the operator is as good as the average PSF (never worse by more than 5%)
-    assert dim["error"] <= 1.05 * dim["invariant"]
+    # peak ~100 photons over a background of 50: the space variation is barely above the
+    # noise; measured 0.103 against 0.109 for the average PSF: never worse than it
+    assert dim["error"] < dim["invariant"]
 
 
 def _field_psfs(op, step=8):
