@@ -91,10 +91,16 @@ def fft_module(x):
 def fft_kwargs(module, workers: int | None = -1) -> dict:
     """Keyword arguments for the FFT calls of ``module``: ``workers`` for scipy.fft only.
 
-    cuFFT plans its own parallelism and ``cupyx.scipy.fft`` takes no ``workers`` argument.
+    A negative ``workers`` means the ``threads`` option (:func:`pcmx.set_options`), not every
+    core of the machine. cuFFT plans its own parallelism and ``cupyx.scipy.fft`` takes no
+    ``workers`` argument.
     """
     if module.__name__.startswith("cupyx") or workers is None:
         return {}
+    if workers < 0:
+        from .options import get_options
+
+        workers = get_options()["threads"]
     return {"workers": workers}
 
 

@@ -83,17 +83,30 @@ from collections import Counter
 import numpy as np
 import xarray as xr
 
-from .errors import InputError
-from .execution import (active_client, blas_limit, compute_many, progress_bar, run_tasks,
-                        show_progress, task_workers)
-from .io.atomic import atomic_json
-from .io.checkpoint import (entry_path, open_entry, patches_from_group, patches_to_arrays,
-                            prepare_checkpoint, write_entry)
-from .io.readers import PcmxWarning, as_image, read_image
-from .provenance import jsonable, provenance
 from .coefficients import coefficient_maps
+from .errors import InputError
+from .execution import (
+    active_client,
+    blas_limit,
+    compute_many,
+    progress_bar,
+    run_tasks,
+    show_progress,
+    task_workers,
+)
 from .fit import Realism, realism_policy
+from .io.atomic import atomic_json
+from .io.checkpoint import (
+    entry_path,
+    open_entry,
+    patches_from_group,
+    patches_to_arrays,
+    prepare_checkpoint,
+    write_entry,
+)
+from .io.readers import PcmxWarning, as_image, read_image
 from .patches import bead_patches, pooled_radius, radius_profiles, radius_sample
+from .provenance import jsonable, provenance
 from .psf_basis import fit_psf_basis
 from .units import kernel_coords
 from .units import pixel_size as axis_step
@@ -456,7 +469,9 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
     images : sequence of paths/arrays/DataArrays, or a DataArray with a ``state`` dim
         K 2D bead images on the same grid, taken under varying conditions.
     n_components : int, optional
-        I; the 2.858 * median rule on the patches' singular values when None.
+        I; when None, Gavish & Donoho's optimal hard threshold for the patches' estimated
+        noise (the "noise" rank rule of :func:`pcmx.psf_basis.fit_psf_basis`, as for one
+        operator).
     n_modes : int, optional
         J; chosen from the maps' singular values by ``mode_rule`` when None (needs the Gram
         route, which ``svd="auto"`` takes then).
@@ -546,7 +561,7 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
     if svd not in ("auto", "gram", "randomized"):
         raise InputError(f"svd={svd!r}: expected 'auto', 'gram' or 'randomized'")
     if svd == "randomized" and n_modes is None:
-        raise InputError("svd='randomized' needs n_modes: the 2.858 * median rule needs every "
+        raise InputError("svd='randomized' needs n_modes: the rules choosing J need every "
                          "singular value of the maps (use svd='gram' or 'auto')")
     for name, v in (("n_modes", n_modes), ("n_components", n_components), ("psf_radius", psf_radius)):
         if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):

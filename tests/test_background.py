@@ -6,9 +6,9 @@ import xarray as xr
 
 from pcmx import background as BG
 from pcmx import beads as B
-from pcmx.truth import background_bias
 from pcmx.errors import InputError
 from pcmx.simulate import simulate_beads
+from pcmx.truth import background_bias
 
 
 def _patches(data, r):

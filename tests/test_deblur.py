@@ -350,3 +350,53 @@ def test_sparse_smooth_accepts_any_linear_operator(operator_ds):
     # default weights without psf_at: from the response to a Dirac at the centre
     c = sparse_smooth(y, Plain(), max_iter=3)
     assert c.attrs["psf_fwhm_px"] == pytest.approx(sparse_smooth(y, H, max_iter=3).attrs["psf_fwhm_px"], rel=0.2)
+
+
+def test_checked_image_is_the_one_validator(operator_ds):
+    """sparse_smooth and the baselines reject bad images with the same messages."""
+    import xarray as xr
+
+    from pcmx.deblur import checked_image
+    from pcmx.deblur.baselines import tikhonov
+
+    img = xr.DataArray(np.ones((6, 7), np.float32), dims=("y", "x"))
+    assert checked_image(img).data is img.data  # no copy: CuPy or Dask data stay as they are
+    assert checked_image(np.ones((6, 7), np.uint16)).dims == ("y", "x")
+    with pytest.raises(InputError, match=r"image: expected a 2D \(y, x\) image, got dims \('z', 'y', 'x'\)"):
+        checked_image(np.ones((3, 6, 7), np.float32))
+    with pytest.raises(InputError, match="image: dtype bool is not a real number type"):
+        checked_image(xr.DataArray(np.ones((6, 7), bool), dims=("y", "x")))
+    bad = np.ones((operator_ds.sizes["y"], operator_ds.sizes["x"]), np.float32)
+    bad[1, 2], bad[3, 4] = np.nan, -np.inf
+    for fn in (sparse_smooth, tikhonov):
+        with pytest.raises(InputError, match="image: contains 2 NaN or infinite values"):
+            fn(bad, operator_ds)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not pcmx._backend.cupy_available(), reason="needs cupy and a CUDA device")
+def test_sparse_smooth_cupy_in_cupy_out(operator_ds):
+    """Through pcmx._backend: a CuPy image is restored on the device (CuPy arrays in the
+    restoration Dataset), with the NumPy numbers within float32 rounding."""
+    cupy = pytest.importorskip("cupy")
+    from pcmx.operator import ProductConvolution
+
+    H = ProductConvolution(operator_ds, boundary="reflect")
+    rng = np.random.default_rng(5)
+    u = np.zeros(H.shape, np.float32)
+    u[10, 12] = u[20, 30] = 500.0
+    y = H.apply(u) + 40 + rng.normal(0, 1, H.shape).astype(np.float32)
+    a = sparse_smooth(y, H, max_iter=30, tol=0)
+    b = sparse_smooth(cupy.asarray(y), H, max_iter=30, tol=0)
+    for name in ("sparse", "smooth", "fit"):
+        assert isinstance(b[name].data, cupy.ndarray), name
+        ref = a[name].values
+        np.testing.assert_allclose(cupy.asnumpy(b[name].data), ref, rtol=1e-3,
+                                   atol=1e-3 * float(np.abs(ref).max()), err_msg=name)
+    for key in ("gamma1", "gamma2", "noise_sigma", "offset"):
+        assert b.attrs[key] == pytest.approx(a.attrs[key], rel=1e-4), key
+    # the whole non-blind deblur, Dataset operator applied with the default "reflect" boundary
+    d = deblur(cupy.asarray(y), operator=operator_ds, max_iter=30, tol=0)
+    assert isinstance(d["restored"].data, cupy.ndarray)
+    np.testing.assert_allclose(cupy.asnumpy(d["restored"].data), a["restored"].values, rtol=1e-3,
+                               atol=1e-3 * float(np.abs(a["restored"].values).max()))

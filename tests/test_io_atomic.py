@@ -4,8 +4,16 @@ import os
 import numpy as np
 import pytest
 
-from pcmx.io.atomic import (OLD_MARKER, TEMP_MARKER, atomic_dir, atomic_file, atomic_json,
-                            is_temporary, remove_temporaries, temporary_sibling)
+from pcmx.io.atomic import (
+    OLD_MARKER,
+    TEMP_MARKER,
+    atomic_dir,
+    atomic_file,
+    atomic_json,
+    is_temporary,
+    remove_temporaries,
+    temporary_sibling,
+)
 
 
 def _write_text(text):

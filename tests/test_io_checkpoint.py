@@ -7,9 +7,16 @@ import xarray as xr
 import zarr
 
 from pcmx.errors import InputError
-from pcmx.io.checkpoint import (STEPS, entry_path, manifest_differences, open_entry,
-                                patches_from_group, patches_to_arrays, prepare_checkpoint,
-                                write_entry)
+from pcmx.io.checkpoint import (
+    STEPS,
+    entry_path,
+    manifest_differences,
+    open_entry,
+    patches_from_group,
+    patches_to_arrays,
+    prepare_checkpoint,
+    write_entry,
+)
 
 MANIFEST = {"pcmx_checkpoint": 1, "fingerprint": "f1", "arguments": {"psf_radius": None, "n_modes": 3},
             "inputs": [{"name": "a.tif", "size": 10}, {"name": "b.tif", "size": 11}]}

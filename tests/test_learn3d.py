@@ -13,8 +13,8 @@ import scipy.ndimage as ndi
 import pcmx
 from pcmx.beads import bump_multiplier
 from pcmx.errors import InputError
-from pcmx.io.readers import as_image
 from pcmx.fit import fit_operator
+from pcmx.io.readers import as_image
 from pcmx.learn import learn_operator
 from pcmx.patches import BeadPatches, bead_patches
 from pcmx.simulate import simulate_beads, true_psfs
@@ -159,7 +159,8 @@ def test_cross_validation_on_a_z_stack(sim, learned):
           f"{err:.3f} space-varying vs {err_inv:.3f} average PSF")
     assert np.all(np.isfinite(cv["cv_error"].values))
     assert np.isfinite(err) and np.isfinite(err_inv)
-    assert err < err_inv  # the simulated PSF varies over the field (measured 0.100 vs 0.187)
+    # the simulated PSF varies over the field: measured 0.113 vs 0.185 for the reference
+    assert err < 0.13 and err < 0.75 * err_inv
 
 
 def test_cli_learns_a_z_stack(sim, tmp_path, capsys):

@@ -16,8 +16,8 @@ import scipy.ndimage as ndi
 import xarray as xr
 
 import pcmx
-from pcmx.io.readers import as_image
 from pcmx.fit import fit_operator
+from pcmx.io.readers import as_image
 from pcmx.patches import BeadPatches, bead_patches
 from pcmx.simulate import simulate_beads, true_psfs
 

@@ -50,7 +50,9 @@ def test_estimate_noise_over_a_smooth_background():
     img = 50 + 0.3 * xx + 10 * np.sin(yy / 30.0) + rng.normal(0, 4.0, (200, 220))
     assert estimate_noise(img) == pytest.approx(4.0, rel=0.05)
     # a DataArray gives the same number; a plane (constant + linear) has no noise at all
-    assert estimate_noise(xr.DataArray(img, dims=("y", "x"))) == estimate_noise(img)
+    da = xr.DataArray(img, dims=("y", "x"))
+    assert _backend.unwrap(da) is da.data and _backend.unwrap(img) is img  # no copy
+    assert estimate_noise(da) == estimate_noise(img)
     assert estimate_noise(3.0 + 0.5 * xx[:20, :20] - 0.25 * yy[:20, :20]) == 0.0
     # sparse bright sources barely move it (a median of the high-pass response)
     spiky = img.copy()

@@ -19,7 +19,7 @@ HELP = "learn a family of operators from bead images under varying conditions (p
 def add_arguments(parser) -> None:
     parser.add_argument("images", nargs="+", help="2D bead images (TIFF/Zarr/.npy) or globs; one state each")
     parser.add_argument("-o", "--output", required=True, help="family store to write (Zarr)")
-    parser.add_argument("--components", type=int, default=None, help="I (default: 2.858 x median rule)")
+    parser.add_argument("--components", type=int, default=None, help="I, size of the shared PSF basis (default: Gavish-Donoho optimal hard threshold for the patches' estimated noise)")
     parser.add_argument("--modes", type=int, default=None,
                         help="J (default: by --mode-rule)")
     parser.add_argument("--mode-rule", choices=("capped", "threshold", "energy"), default="capped",

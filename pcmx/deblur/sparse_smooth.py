@@ -39,10 +39,15 @@ point is the same combination of ``H`` of the iterates) and two DCTs (more while
 constraint is active). Iterations stop when the proximal-gradient step at the extrapolated
 point, relative to ``(u1, u2)``, falls below ``tol`` (it is zero exactly at a minimiser).
 
+Every image-sized operation (the iterates, the Laplacian, the DCTs of the prox) asks
+:mod:`pcmx._backend` for its library once, from the image: a CuPy image is restored on the GPU
+(``cupyx.scipy.fft`` DCTs) and a NumPy image gives the same numbers as ever. Only the
+operator's statistics for the default weights (a few PSFs) are computed on the host.
+
 Default weights
 ---------------
 ``gamma1 = 4 sigma ||h||_2`` with ``sigma`` the noise standard deviation estimated from the
-image (:func:`estimate_noise`) and ``||h||_2`` the median l2 norm of the operator's PSFs over
+image (:func:`pcmx.noise.estimate_noise`) and ``||h||_2`` the median l2 norm of the operator's PSFs over
 the field: at ``u1 = 0`` the optimality condition is ``(H^T r)_p <= gamma1`` and for a residual
 of white noise ``(H^T r)_p`` has standard deviation ``sigma ||h_p||_2``, so pure noise
 activates a pixel of ``u1`` with probability about 3e-5 (a Gaussian tail at 4 sigma).
@@ -300,7 +305,9 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
     Parameters
     ----------
     image : array_like or DataArray (y, x)
-        The blurred image ``y`` (photons or camera units; float32 is used).
+        The blurred image ``y`` (photons or camera units; float32 is used). NumPy or CuPy:
+        every image-sized operation runs on its library (:mod:`pcmx._backend`), and the
+        results are of the same library.
     operator : ProductConvolution, operator Dataset or store path
         ``H`` on the image's grid (a Dataset or path is applied with ``boundary``); any object
         with ``apply``, ``adjoint`` and ``shape`` works (``psf_at`` is used when present).
@@ -333,7 +340,8 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
     -------
     Dataset (pcmx_type "restoration")
         ``restored = sparse + smooth``, ``sparse`` (u1), ``smooth`` (u2), ``fit``
-        (``H (u1 + u2) + b``), all (y, x) float32 with the image's coordinates, and
+        (``H (u1 + u2) + b``), all (y, x) float32 (NumPy or CuPy, as the image) with the
+        image's coordinates, and
         ``objective (iteration)``; attrs ``gamma1``, ``gamma2``, ``offset``, ``iterations``,
         ``converged``, ``noise_sigma``, ``lipschitz``, ``background_scale_px``, ``restarts``.
 
