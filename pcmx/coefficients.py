@@ -182,8 +182,17 @@ def voronoi_weights(points, domain_shape) -> np.ndarray:
     return vol
 
 
-def _weights(weights, pts: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _weights(weights, pts: np.ndarray, shape: tuple[int, ...], bead_weights=None) -> np.ndarray:
     m = len(pts)
+    if bead_weights is not None:
+        q = np.asarray(bead_weights, dtype=np.float64)
+        if q.shape != (m,) or not np.all(np.isfinite(q)) or np.any(q <= 0):
+            raise InputError(f"bead_weights: expected {m} finite positive values, got shape {q.shape}")
+        base = _weights(weights, pts, shape)
+        if np.all(q == q[0]):  # equal bead weights: exactly the weights alone
+            return base
+        w = base * q
+        return np.maximum(w / w.mean(), 1e-3)
     if weights is None:
         return np.ones(m)
     if isinstance(weights, str):
@@ -473,7 +482,7 @@ def _gcv_curve(s: np.ndarray, lam: np.ndarray, z2: np.ndarray, omega: np.ndarray
 
 
 def fit_tps(points, values, *, domain_shape, weights="voronoi", eta=None,
-            gcv: str = "per_component") -> ThinPlateSpline:
+            gcv: str = "per_component", bead_weights=None) -> ThinPlateSpline:
     """Fit the weighted smoothing thin-plate spline of eq. (9) (paper App. C-a).
 
     Parameters
@@ -493,6 +502,9 @@ def fit_tps(points, values, *, domain_shape, weights="voronoi", eta=None,
     gcv : {"per_component", "shared"}, default "per_component"
         With ``eta=None``: one eta per component (each map's own noise/smoothness trade-off),
         or one eta minimising the summed GCV score.
+    bead_weights : array (M,), optional
+        Per-bead factors on ``weights`` (e.g. :func:`pcmx.psf_basis.snr_weights` of the beads'
+        signal-to-noise ratios, issue 12): ``w_m = area_m * q_m``, then mean one.
 
     Returns
     -------
@@ -537,14 +549,15 @@ def fit_tps(points, values, *, domain_shape, weights="voronoi", eta=None,
     # busy process (OpenBLAS threads spinning). Thousands of beads keep every thread.
     n = np.shape(points)[0] if np.ndim(points) else 0
     with blas_limit(1 if n < _TPS_THREADED_BEADS else None):
-        return _fit_tps(points, values, domain_shape=domain_shape, weights=weights, eta=eta, gcv=gcv)
+        return _fit_tps(points, values, domain_shape=domain_shape, weights=weights, eta=eta, gcv=gcv,
+                        bead_weights=bead_weights)
 
 
 #: From this many beads on, fit_tps lets BLAS use every thread.
 _TPS_THREADED_BEADS = 2000
 
 
-def _fit_tps(points, values, *, domain_shape, weights, eta, gcv) -> ThinPlateSpline:
+def _fit_tps(points, values, *, domain_shape, weights, eta, gcv, bead_weights=None) -> ThinPlateSpline:
     pts, shape = _as_points(points, domain_shape)
     vals = np.asarray(values, dtype=np.float64)
     if vals.ndim == 1:
@@ -560,7 +573,7 @@ def _fit_tps(points, values, *, domain_shape, weights, eta, gcv) -> ThinPlateSpl
         raise InputError(f"gcv: expected 'per_component' or 'shared', got {gcv!r}")
     _check_distinct(pts)
     n_out = vals.shape[1]
-    w = _weights(weights, pts, shape)
+    w = _weights(weights, pts, shape, bead_weights)
     u, centre, scale = _normalise(pts, shape)
     k = _kernel(_sqdist(u, u), d)
     p = np.hstack([np.ones((m, 1)), u])
@@ -652,7 +665,8 @@ OUTLIER_FLOOR = 0.1
 
 def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: int | None = None,
                      tol: float | None = None, generators=None, project=None, dtype=np.float32,
-                     outlier_z: float | None = OUTLIER_Z, return_spline: bool = False):
+                     outlier_z: float | None = OUTLIER_Z, return_spline: bool = False,
+                     bead_weights=None):
     """Coefficient maps alpha_i on the whole pixel grid (paper App. C-a, optionally C-b).
 
     Parameters
@@ -699,6 +713,9 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
     return_spline : bool
         Also return the fitted :class:`ThinPlateSpline` (eta, GCV score, weights) and the
         lattice info ``{"step", "max_error"}``.
+    bead_weights : array (M,), optional
+        Per-bead factors on ``weights`` (:func:`fit_tps`); the beads left out as outliers
+        leave with theirs.
 
     Returns
     -------
@@ -707,7 +724,8 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
     info : dict, only with ``return_spline=True``
     """
     shape = tuple(int(s) for s in shape)
-    tps = fit_tps(points, beta, domain_shape=shape, weights=weights, eta=eta)
+    q = None if bead_weights is None else np.asarray(bead_weights, dtype=np.float64)
+    tps = fit_tps(points, beta, domain_shape=shape, weights=weights, eta=eta, bead_weights=q)
     rejected = np.zeros(len(tps.points), dtype=bool)
     if outlier_z is not None and eta is None and isinstance(weights, str | None):
         for _ in range(2):
@@ -717,7 +735,7 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
                 break
             rejected[np.flatnonzero(~rejected)[bad]] = True
             tps = fit_tps(tps.points[keep], np.asarray(beta)[~rejected], domain_shape=shape,
-                          weights=weights, eta=eta)
+                          weights=weights, eta=eta, bead_weights=None if q is None else q[~rejected])
     shape = tps._grid_shape(shape)
     if generators is not None and project is not None:
         raise InputError("give generators (the cone) or project, not both")

@@ -151,6 +151,9 @@ def cross_validate(image, *, folds: int = 5, seed: int = 0, n_components: int | 
                           threshold=threshold, background=background)
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)):
         raise InputError(f"folds={folds!r}: need an integer of at least 2")
+    # held-out beads: every bead of the bead pipeline's fixed criterion (isolated, unsaturated,
+    # inside the field, a clean PSF shape against the field's), whatever the fit then rejects
+    bp = bp.usable_beads()
     m = len(bp.positions)
     if folds < 2 or m < 2 * folds:
         raise InputError(f"folds={folds}: need at least 2 folds and 2 beads per fold ({m} beads)")

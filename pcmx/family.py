@@ -121,8 +121,9 @@ GRAM_MAX_ROWS = 500
 MIN_BEADS = 4
 #: Memory budget (bytes, float32) of one spatial block of all K*I maps in the SVD.
 _BLOCK_BYTES = 128 * 2**20
-_CHECKPOINT_VERSION = 4  # 3: realism by non-negativity, spline outlier rejection, pooled r;
-# 4: the realism policy object (pcmx.fit.Realism) in the manifest
+_CHECKPOINT_VERSION = 5  # 3: realism by non-negativity, spline outlier rejection, pooled r;
+# 4: the realism policy object (pcmx.fit.Realism) in the manifest; 5: shape tests of the beads
+# (only beads with a clean PSF are checkpointed), SNR weights in the PCA
 
 
 #: Relative RMS truncation error of the maps that :func:`rank_by_energy` allows (J).
@@ -267,10 +268,11 @@ def _bead_task(item, k: int, label: str, ckpt: str, fingerprint: str, r, backgro
             return {"k": k, "error": rec["error"], "resumed": True}
     img = _task_image(item, pixel_size)
     try:
-        bp = bead_patches(img, psf_radius=r, background=background)
+        # the beads a model may be fitted on, as pcmx.fit.fit_operator takes them
+        bp = bead_patches(img, psf_radius=r, background=background).usable_beads()
         if len(bp.positions) < MIN_BEADS:
-            raise InputError(f"only {len(bp.positions)} isolated beads; at least {MIN_BEADS} are "
-                             "needed for the coefficient maps")
+            raise InputError(f"only {len(bp.positions)} isolated beads with a clean PSF; at least "
+                             f"{MIN_BEADS} are needed for the coefficient maps")
     except InputError as exc:
         msg, source = str(exc), str(img.attrs.get("source", img.name or "image"))
         for prefix in (f"{source}: ", "image: ", "array: "):  # the label names the image

@@ -132,7 +132,7 @@ def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float
     bp : BeadPatches
         From :func:`pcmx.patches.bead_patches` (or a subset of it: a cross-validation fold), or
         built from other patches at the same positions (e.g. noise-free true PSFs: the model's
-        own accuracy floor).
+        own accuracy floor). Only its :attr:`~pcmx.patches.BeadPatches.usable` beads are used.
     n_components : int, optional
         I; by ``rank_rule`` when None (:func:`pcmx.psf_basis.fit_psf_basis`).
     eta : float, optional
@@ -158,6 +158,7 @@ def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float
         Fewer usable beads than the spline needs (ndim + 2).
     """
     policy = realism_policy(realism)
+    bp = bp.usable_beads()  # beads whose patch is not a clean PSF inform no model
     nd = len(bp.shape)
     t = {}
     t0 = time.perf_counter()
@@ -177,7 +178,8 @@ def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float
     proj = policy.setup(beta, h)
     t["realism"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    maps, tps, info = coefficient_maps(points, beta, bp.shape, eta=eta, return_spline=True, **proj)
+    maps, tps, info = coefficient_maps(points, beta, bp.shape, eta=eta, return_spline=True,
+                                       bead_weights=np.asarray(basis["weight"].values)[kept], **proj)
     t["coefficients"] = time.perf_counter() - t0
 
     sdims = ("z", "y", "x")[-nd:]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 
 import xarray as xr
 
@@ -22,6 +23,7 @@ from .cross_validation import cross_validate
 from .errors import InputError
 from .fit import fit_operator, realism_policy
 from .io.readers import as_image
+from .neighbours import neighbour_passes, refit_without_neighbours
 from .patches import bead_patches, source_name
 from .provenance import provenance
 from .units import parse_length, spatial_coords
@@ -34,7 +36,7 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
                    threshold: float | None = None, background: str | None = None,
                    eta: float | None = None, realism="cone",
                    angle_threshold_deg: float = 1.0, validate: bool = False, folds: int = 5,
-                   seed: int = 0) -> xr.Dataset:
+                   seed: int = 0, neighbours: int | str = "auto") -> xr.Dataset:
     """Learn the space-varying operator of a microscope from one bead image (paper II-C).
 
     Parameters
@@ -64,6 +66,12 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
     validate : bool
         Also cross-validate (:func:`pcmx.cross_validation.cross_validate`) the same fit on the
         same beads, ``folds`` folds split at random by ``seed``, and store its per-bead errors.
+    neighbours : "auto" or int
+        Passes that subtract every other detected bead's light, predicted by the model fitted
+        so far, from each bead's patch and refit (:func:`pcmx.neighbours.refit_without_neighbours`);
+        ``"auto"``: one for z-stacks, none for 2D images; 0: off. With ``validate``, the folds
+        are fitted on the same cleaned patches as the stored model (their neighbours'
+        light predicted by the model fitted on all beads).
 
     Returns
     -------
@@ -86,9 +94,16 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
     fit_options = {"n_components": n_components, "eta": eta, "realism": policy}
     try:
         ds = fit_operator(bp, image=img, **fit_options)
+        n_passes = neighbour_passes(neighbours, img.ndim)
+        record = []
+        if n_passes:
+            # the stored model is fitted on the cleaned patches: so is every fold below
+            ds, bp, record = refit_without_neighbours(bp, img, partial(fit_operator, image=img, **fit_options),
+                                                      passes=n_passes, threshold=threshold, first=ds)
     except InputError as err:
         raise InputError(f"{source}: {err}") from None
     params = ds.attrs["pcmx_parameters"]
+    params["neighbours"] = {"requested": neighbours, "passes": record}
     params.update({"psf_radius_requested": psf_radius, "threshold": threshold,
                    "background": background or "default"})
     params["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)

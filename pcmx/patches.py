@@ -68,6 +68,13 @@ class BeadPatches:
         Beads detected and rejected (by reason) and kept.
     timings : dict
         Seconds per step.
+    reasons : ndarray of str (M,), optional
+        Why a bead's patch is not a clean PSF (:func:`pcmx.beads.classify_shapes`: a faint
+        neighbour, a bead out of the focal plane, ...), ``""`` where it is; None: not judged.
+        Such beads stay here (they are isolated beads: cross-validation holds them out like
+        any other) but no model is fitted on them (:attr:`usable`).
+    shapes : dict, optional
+        The statistics they were judged on (:func:`pcmx.beads.patch_shapes`).
     """
 
     patches: xr.DataArray
@@ -76,6 +83,15 @@ class BeadPatches:
     shape: tuple
     counts: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    reasons: np.ndarray | None = None
+    shapes: dict | None = None
+
+    @property
+    def usable(self) -> np.ndarray:
+        """Boolean mask of the beads a model may be fitted on (no shape reason against them)."""
+        if self.reasons is None:
+            return np.ones(len(self.positions), dtype=bool)
+        return np.asarray(self.reasons) == ""
 
     def subset(self, index) -> BeadPatches:
         """The beads ``index`` (boolean mask or integer indices), in that order; counts kept."""
@@ -83,7 +99,14 @@ class BeadPatches:
         idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(int)
         return BeadPatches(patches=self.patches.isel(bead=idx), positions=self.positions[idx],
                            radius=self.radius, shape=self.shape, counts=dict(self.counts),
-                           timings=dict(self.timings))
+                           timings=dict(self.timings),
+                           reasons=None if self.reasons is None else np.asarray(self.reasons)[idx],
+                           shapes=None if self.shapes is None else {
+                               k: np.asarray(v)[idx] for k, v in self.shapes.items()})
+
+    def usable_beads(self) -> BeadPatches:
+        """The beads a model may be fitted on (:attr:`usable`)."""
+        return self if self.reasons is None or self.usable.all() else self.subset(self.usable)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -217,7 +240,8 @@ def raw_bead_patches(image, *, psf_radius=None, threshold: float | None = None,
 
 def bead_patches(image, *, psf_radius=None, threshold: float | None = None,
                  background: str | None = None, saturation: float | None = None,
-                 pixel_size: str | None = None, max_beads: int | None = None) -> BeadPatches:
+                 pixel_size: str | None = None, max_beads: int | None = None,
+                 shape_tests: bool = True) -> BeadPatches:
     """Detect, isolate, centre and extract background-free bead patches (App. A a-c, App. B).
 
     Parameters
@@ -237,6 +261,10 @@ def bead_patches(image, *, psf_radius=None, threshold: float | None = None,
         e.g. ``"65nm"`` where the file's metadata lacks it.
     max_beads : int, optional
         Keep at most this many beads, the strongest detections.
+    shape_tests : bool
+        Judge each patch's shape against the field's (:func:`pcmx.beads.classify_shapes`):
+        faint neighbours, beads out of the focal plane of a thick sample, off-centre light.
+        Such beads get a reason in ``reasons`` and no model is fitted on them.
 
     Raises
     ------
@@ -255,8 +283,16 @@ def bead_patches(image, *, psf_radius=None, threshold: float | None = None,
                                      mask_positions=d.detections, **kw)
     d.timings["background"] = time.perf_counter() - t0
     d.counts["isolated"] = int(len(d.kept))
+    reasons = shapes = None
+    if shape_tests:
+        t0 = time.perf_counter()
+        shapes = beads.patch_shapes(patches, d.radius)
+        reasons = beads.classify_shapes(shapes, d.kept)
+        d.counts.update({f"rejected_{k}": int(np.sum(reasons == k)) for k in beads.SHAPE_REASONS})
+        d.timings["shapes"] = time.perf_counter() - t0
     return BeadPatches(patches=patches, positions=d.kept, radius=d.radius,
-                       shape=tuple(d.work.shape), counts=d.counts, timings=d.timings)
+                       shape=tuple(d.work.shape), counts=d.counts, timings=d.timings,
+                       reasons=reasons, shapes=shapes)
 
 
 def patches_at(image, positions, r, *, background: str | None = None) -> BeadPatches:

@@ -52,11 +52,18 @@ from .errors import InputError
 from .execution import blas_limit
 
 __all__ = ["fit_psf_basis", "optimal_rank", "hard_threshold", "normalise_patches",
-           "outlier_scores", "noise_threshold", "HARD_THRESHOLD",
-           "OUTLIER_TESTS", "RANK_RULES"]
+           "outlier_scores", "noise_threshold", "bead_snr", "snr_weights", "HARD_THRESHOLD",
+           "OUTLIER_TESTS", "RANK_RULES", "WEIGHTINGS", "SNR_REF"]
 
 HARD_THRESHOLD = 2.858
 """Optimal hard threshold of singular values over their median for a square matrix (II-E-c)."""
+
+WEIGHTINGS = ("snr", "equal")
+"""Row weights of the PCA: ``"snr"`` from each bead's signal-to-noise ratio, capped
+(:func:`snr_weights`); ``"equal"``: every normalised patch counts the same."""
+SNR_REF = 10.0
+"""Default ``snr_ref`` of :func:`snr_weights`: a bead whose normalised patch carries a noise
+of 10% of its norm (1% of its energy) has half the weight of a clean one."""
 
 OUTLIER_TESTS = ("field", "paper")
 """``"field"``: robust deviations from the field's polynomial trend (default); ``"paper"``:
@@ -352,7 +359,39 @@ def _largest_singular_value(a: np.ndarray) -> float:
     return float(np.sqrt(max(eigvalsh(g, subset_by_index=[n - 1, n - 1])[0], 0.0)))
 
 
-def noise_threshold(raw, bump, components, *, draws: int = 3, seed: int = 0) -> float:
+def _noise_model(raw, bump, components):
+    """The Poisson-Gaussian noise of the patches from their rank-``k`` residual.
+
+    Returns ``(a, b, signal, scale)``: the per-pixel variance ``a + b * signal`` in camera
+    units (``signal (M, P)`` the unbumped rank-``k`` fit, clipped at zero) and ``scale (M,)``,
+    each patch's flux times the l2 norm of its sum-one patch: dividing a bumped patch by it
+    gives its unit-l2 row. See :func:`noise_threshold`.
+    """
+    m, p = raw.shape
+    k = len(components)
+    x = raw * bump[None, :]
+    flux = x.sum(axis=1)
+    sum_one = x / flux[:, None]
+    norm = np.linalg.norm(sum_one, axis=1)
+    unit = sum_one / norm[:, None]
+    scale = flux * norm
+    # Unbump only where the bump is not vanishing: near r_ext it can be ~1e-200 at a pixel,
+    # and dividing by it overflowed (r = 17 on 130 dim patches: NaN threshold, crash). There
+    # the unbumped signal cannot be recovered, and the entries' noise is ~0 after bumping.
+    ok = bump > _UNBUMP_MIN
+    safe_bump = np.where(ok, bump, 1.0)[None, :]
+    fit = (unit @ components.T) @ components * scale[:, None] / safe_bump  # camera units, unbumped
+    fit[:, ~ok] = 0.0
+    signal = np.clip(fit, 0, None)
+    resid2 = (raw[:, ok] - fit[:, ok]) ** 2 * (m * p / max((m - k) * (p - k), 1))
+    design = np.stack([np.ones(resid2.size), signal[:, ok].ravel()], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, resid2.ravel(), rcond=None)
+    tiny = 1e-12 * float(np.mean(raw**2)) + 1e-300
+    return max(float(a), tiny), max(float(b), 0.0), signal, scale
+
+
+def noise_threshold(raw, bump, components, *, draws: int = 3, seed: int = 0,
+                    weights=None) -> float:
     """The optimal hard threshold of the unit-l2 patch matrix for its own (estimated) noise.
 
     The unknown-noise rule ``omega(beta) * median`` assumes white noise. Bead patches carry
@@ -376,37 +415,87 @@ def noise_threshold(raw, bump, components, *, draws: int = 3, seed: int = 0) -> 
         The bump multiplier on the support.
     components : ndarray (k, P)
         Orthonormal leading components of the unit-l2 bumped patches.
+    weights : ndarray (M,), optional
+        Row weights of a weighted PCA (rows scaled by ``sqrt(weights)``): the noise rows are
+        scaled alike.
 
     Returns
     -------
     float
-        Singular values of the unit-l2 patch matrix above this are signal.
+        Singular values of the (row-weighted) unit-l2 patch matrix above this are signal.
     """
     m, p = raw.shape
-    k = len(components)
-    x = raw * bump[None, :]
-    flux = x.sum(axis=1)
-    sum_one = x / flux[:, None]
-    norm = np.linalg.norm(sum_one, axis=1)
-    unit = sum_one / norm[:, None]
-    scale = (flux * norm)[:, None]
-    # Unbump only where the bump is not vanishing: near r_ext it can be ~1e-200 at a pixel,
-    # and dividing by it overflowed (r = 17 on 130 dim patches: NaN threshold, crash). There
-    # the unbumped signal cannot be recovered, and the entries' noise is ~0 after bumping.
-    ok = bump > _UNBUMP_MIN
-    safe_bump = np.where(ok, bump, 1.0)[None, :]
-    fit = (unit @ components.T) @ components * scale / safe_bump  # camera units, unbumped
-    fit[:, ~ok] = 0.0
-    signal = np.clip(fit, 0, None)
-    resid2 = (raw[:, ok] - fit[:, ok]) ** 2 * (m * p / max((m - k) * (p - k), 1))
-    design = np.stack([np.ones(resid2.size), signal[:, ok].ravel()], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, resid2.ravel(), rcond=None)
-    tiny = 1e-12 * float(np.mean(raw**2)) + 1e-300
-    sd = np.sqrt(max(a, tiny) + max(b, 0.0) * signal) * (bump[None, :] / scale)
+    a, b, signal, scale = _noise_model(raw, bump, components)
+    sd = np.sqrt(a + b * signal) * (bump[None, :] / scale[:, None])
+    if weights is not None:
+        sd *= np.sqrt(np.asarray(weights, dtype=np.float64))[:, None]
     rng = np.random.default_rng(seed)
     edge = max(_largest_singular_value(sd * rng.standard_normal(sd.shape)) for _ in range(draws))
     beta = min(m, p) / max(m, p)
     return edge * _gd_known_noise(beta) / (1 + np.sqrt(beta))
+
+
+def bead_snr(raw, bump, components) -> np.ndarray:
+    """Signal-to-noise ratio of each bead's normalised patch (issue 12, weights).
+
+    The l2 norm of the patch's signal over that of its noise, both after the bump multiplier
+    (App. A-d), with the Poisson-Gaussian noise ``a + b * signal`` of :func:`noise_threshold`
+    (fitted to the residual of the rank-``k`` fit of all the patches, the signal of each
+    patch its own rank-``k`` fit):
+
+        snr_m = 1 / sqrt(sum_p bump_p^2 (a + b s_mp)) / (f_m ||p_m / f_m||)
+
+    with ``f_m`` the bead's bumped flux. For background-limited beads this is
+    ``f_m ||p_m / f_m|| / (sigma sqrt(n_support))``, i.e. the flux over the noise summed over
+    the support, times the sum-one patch's l2 norm (a broad, defocused blob has a smaller
+    norm: for the same flux, its shape is noisier).
+
+    Parameters
+    ----------
+    raw : ndarray (M, P)
+        Background-free patches (camera units) on the bump's support, without the bump; each
+        with a positive bumped sum.
+    bump : ndarray (P,)
+        The bump multiplier on the support.
+    components : ndarray (k, P)
+        Orthonormal leading components of the unit-l2 bumped patches.
+
+    Returns
+    -------
+    ndarray (M,) float64
+        The ratio of the unit-l2 row's signal norm to its noise norm (expected).
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    bump = np.asarray(bump, dtype=np.float64)
+    a, b, signal, scale = _noise_model(raw, bump, np.asarray(components, dtype=np.float64))
+    energy = ((a + b * signal) * bump[None, :] ** 2).sum(axis=1) / scale**2
+    return 1.0 / np.sqrt(np.maximum(energy, 1e-300))
+
+
+def snr_weights(snr, snr_ref) -> np.ndarray:
+    """Row weights from signal-to-noise ratios, capped: ``w = snr^2 / (snr^2 + snr_ref^2)``.
+
+    Inverse noise variance (``snr^2 / snr_ref^2``) for beads much noisier than ``snr_ref``,
+    one for beads much cleaner: a few very bright beads do not take over the PCA (the PSFs
+    vary over the field, every region must count), a noisy patch counts by what it carries.
+    Normalised to mean one (equal ratios give exactly equal weights, one).
+
+    Parameters
+    ----------
+    snr : array (M,)
+        From :func:`bead_snr`.
+    snr_ref : float or "median"
+        The ratio at which the weight is half its cap; ``"median"``: the beads' median.
+    """
+    s2 = np.asarray(snr, dtype=np.float64) ** 2
+    ref = float(np.median(s2)) if isinstance(snr_ref, str) else float(snr_ref) ** 2
+    return _mean_one(s2 / (s2 + ref))
+
+
+def _mean_one(w: np.ndarray) -> np.ndarray:
+    """``w`` over its mean; exactly ones when the values are equal (or not positive)."""
+    mean = float(np.mean(w))
+    return w / mean if mean > 0 and not np.all(w == w[0]) else np.ones_like(w)
 
 
 #: Bump values below this are not divided by in :func:`noise_threshold`.
@@ -415,7 +504,7 @@ _UNBUMP_MIN = 1e-3
 
 def fit_psf_basis(patches, n_components: int | None = None, *, outlier_sigma: float = 3.0,
                   r=None, r_ext=None, seed: int = 0, outlier_test: str = "field",
-                  rank_rule: str = "noise") -> xr.Dataset:
+                  rank_rule: str = "noise", weights="snr", snr_ref=SNR_REF) -> xr.Dataset:
     """Learn the PSF basis h_i by PCA of normalised bead patches (paper App. A d-f, II-E).
 
     Parameters
@@ -444,6 +533,14 @@ def fit_psf_basis(patches, n_components: int | None = None, *, outlier_sigma: fl
         ``"support"``: ``omega(beta) * median`` on the support; ``"paper"``:
         ``2.858 * median`` over the whole patches (II-E-c as printed). Only used when
         ``n_components`` is None.
+    weights : {"snr", "equal"} or array (bead,)
+        Row weights of both PCAs (rows scaled by ``sqrt(w)``, issue 12): ``"snr"`` (default)
+        from each bead's signal-to-noise ratio (:func:`bead_snr`, estimated after the
+        unweighted first PCA) capped by :func:`snr_weights`; ``"equal"``: the unweighted PCA;
+        an array: given (positive, any scale: normalised to mean one over the patches used).
+        Weighting changes the basis, never a bead's own coefficients ``beta``.
+    snr_ref : float or "median"
+        The cap of ``weights="snr"`` (:func:`snr_weights`).
 
     Returns
     -------
@@ -459,10 +556,15 @@ def fit_psf_basis(patches, n_components: int | None = None, *, outlier_sigma: fl
         ``kept (patch)`` bool: which input patches survived the outlier test; beta's ``bead``
         dimension enumerates ``patch[kept]``, with the input's ``bead`` coordinates.
         ``zscore (patch)`` float: the outlier statistic (NaN when not tested).
+        ``snr (patch)`` float: :func:`bead_snr` of each patch (NaN where not estimated: a
+        non-positive sum, or ``weights`` not ``"snr"``).
+        ``weight (patch)`` float: the row weight of the second PCA (mean one over the kept
+        patches, 0 for the others).
         attrs: ``n_components``, ``n_components_rule`` ("given", "gavish-donoho support" or
         "2.858 median"), ``n_components_first`` (I of the first PCA's test),
         ``rank_threshold`` (the factor on the median), ``n_outliers``, ``outlier_sigma``,
-        ``outlier_test``, ``psf_radius``, ``r_ext`` (numbers, or one per axis when they differ).
+        ``outlier_test``, ``weights`` ("snr", "equal" or "given"), ``snr_ref``, ``psf_radius``,
+        ``r_ext`` (numbers, or one per axis when they differ).
 
     Raises
     ------
@@ -475,11 +577,24 @@ def fit_psf_basis(patches, n_components: int | None = None, *, outlier_sigma: fl
     with blas_limit(1):
         return _fit_psf_basis(patches, n_components, outlier_sigma=outlier_sigma, r=r,
                               r_ext=r_ext, seed=seed, outlier_test=outlier_test,
-                              rank_rule=rank_rule)
+                              rank_rule=rank_rule, weights=weights, snr_ref=snr_ref)
+
+
+def _row_weights(weights, m: int) -> tuple[str, np.ndarray | None]:
+    if isinstance(weights, str):
+        if weights not in WEIGHTINGS:
+            raise InputError(f"weights: must be one of {', '.join(map(repr, WEIGHTINGS))} or an "
+                             f"array of {m} positive values, got {weights!r}")
+        return weights, None
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (m,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise InputError(f"weights: expected {m} finite positive values (one per patch), got "
+                         f"shape {w.shape}")
+    return "given", w
 
 
 def _fit_psf_basis(patches, n_components, *, outlier_sigma, r, r_ext, seed, outlier_test,
-                   rank_rule) -> xr.Dataset:
+                   rank_rule, weights, snr_ref) -> xr.Dataset:
     data = _patch_data(patches)
     if n_components is not None and (isinstance(n_components, bool)
                                      or not isinstance(n_components, numbers.Integral)
@@ -492,6 +607,10 @@ def _fit_psf_basis(patches, n_components, *, outlier_sigma, r, r_ext, seed, outl
         raise InputError(f"rank_rule: must be one of {', '.join(map(repr, RANK_RULES))}, "
                          f"got {rank_rule!r}")
     m = data.shape[0]
+    weighting, given = _row_weights(weights, m)
+    if weighting == "snr" and not (snr_ref == "median" or (isinstance(snr_ref, numbers.Real)
+                                                          and np.isfinite(snr_ref) and snr_ref > 0)):
+        raise InputError(f"snr_ref: must be a positive number or 'median', got {snr_ref!r}")
     kshape = data.shape[1:]
     nd = len(kshape)
     rv, ev = _radii(patches, kshape, r, r_ext)
@@ -506,6 +625,24 @@ def _fit_psf_basis(patches, n_components, *, outlier_sigma, r, r_ext, seed, outl
     cols = np.ones_like(support) if rank_rule == "paper" else support
     x = unit[:, cols]
     raw_support = data.reshape(m, -1)[:, support].astype(np.float64)
+    bump_support = bump.ravel()[support]
+    snr = np.full(m, np.nan)
+    row_w = np.ones(m)
+
+    def reweight(rows, vt, k):
+        """Row weights of the patches ``rows`` (mean one over them); SNR from a rank-k fit."""
+        if weighting == "equal":
+            return
+        if weighting == "given":
+            row_w[rows] = _mean_one(given[rows])
+            return
+        # the components on the support (the paper's rule decomposes whole patches, zero
+        # beyond r_ext)
+        snr[rows] = bead_snr(raw_support[rows], bump_support, vt[:k][:, support[cols]])
+        row_w[rows] = snr_weights(snr[rows], snr_ref)
+
+    def svd(rows):
+        return _svd(np.sqrt(row_w[rows])[:, None] * x[rows], n_components, seed)
 
     def rank(s, vt, rows):
         if rank_rule == "paper":
@@ -517,7 +654,8 @@ def _fit_psf_basis(patches, n_components, *, outlier_sigma, r, r_ext, seed, outl
             # the residual (the estimate rises): grow j from 1 to the first fixed point
             limit, j = k, 1
             while True:
-                thr = noise_threshold(raw_support[rows], bump.ravel()[support], vt[:j], seed=seed)
+                thr = noise_threshold(raw_support[rows], bump_support, vt[:j], seed=seed,
+                                      weights=None if weighting == "equal" else row_w[rows])
                 count = max(1, int(np.count_nonzero(s > thr)))
                 if count <= j or j >= limit:
                     return min(count, limit)
@@ -526,9 +664,15 @@ def _fit_psf_basis(patches, n_components, *, outlier_sigma, r, r_ext, seed, outl
 
     # first PCA and the outlier test (App. A-e, A-f)
     good = np.flatnonzero(~bad)
-    s, vt = _svd(x[good], n_components, seed)
+    s, vt = svd(good)
     n1 = int(n_components) if n_components is not None else rank(s, vt, good)
     n1 = max(1, min(n1, len(good), vt.shape[0]))
+    if weighting != "equal":
+        # the SNR of every bead from the unweighted PCA's rank-n1 fit, then the weighted PCA
+        reweight(good, vt, n1)
+        s, vt = svd(good)
+        n1 = int(n_components) if n_components is not None else rank(s, vt, good)
+        n1 = max(1, min(n1, len(good), vt.shape[0]))
     kept = ~bad
     zscore = np.full(m, np.nan)
     if np.isfinite(outlier_sigma) and len(good) > 2:
@@ -539,8 +683,12 @@ def _fit_psf_basis(patches, n_components, *, outlier_sigma, r, r_ext, seed, outl
     if not kept.any():
         raise InputError("patches: every patch was rejected as an outlier by the z-score test")
 
-    # second PCA on the kept patches
-    s, vt = _svd(x[kept], n_components, seed)
+    # second PCA on the kept patches, weighted anew among them (the noise model without the
+    # outliers' residuals)
+    kept_rows = np.flatnonzero(kept)
+    reweight(kept_rows, vt, n1)
+    row_w[~kept] = 0.0
+    s, vt = svd(kept_rows)
     n_kept = int(kept.sum())
     if n_components is None:
         n_i = min(rank(s, vt, kept), n_kept, vt.shape[0])
@@ -574,10 +722,14 @@ def _fit_psf_basis(patches, n_components, *, outlier_sigma, r, r_ext, seed, outl
             "singular_values": ("rank", s.astype(np.float32)),
             "kept": ("patch", kept),
             "zscore": ("patch", zscore),
+            "snr": ("patch", snr),
+            "weight": ("patch", row_w),
         },
         coords=coords,
         attrs={"n_components": int(n_i), "n_components_rule": rule,
                "n_components_first": int(n1), "rank_threshold": float(factor),
                "n_outliers": int((~kept).sum()), "outlier_sigma": float(outlier_sigma),
-               "outlier_test": outlier_test, "psf_radius": _num(rv), "r_ext": _num(ev)},
+               "outlier_test": outlier_test, "weights": weighting,
+               "snr_ref": snr_ref if isinstance(snr_ref, str) else float(snr_ref),
+               "psf_radius": _num(rv), "r_ext": _num(ev)},
     )

@@ -1,6 +1,8 @@
 """Blind Sparse+Smooth deblurring (paper App. D): identification within a family against the
 simulator's truth, Sparse+Smooth optimality and source recovery, errors, CLI, schema."""
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -400,3 +402,89 @@ def test_sparse_smooth_cupy_in_cupy_out(operator_ds):
     assert isinstance(d["restored"].data, cupy.ndarray)
     np.testing.assert_allclose(cupy.asnumpy(d["restored"].data), a["restored"].values, rtol=1e-3,
                                atol=1e-3 * float(np.abs(a["restored"].values).max()))
+
+
+# --------------------------------------------------------------------------------------------
+# quantised, clipped data (issue 12 item 6): the noise estimate, gamma1 and the sparse support
+# --------------------------------------------------------------------------------------------
+def _gaussian_operator(shape, fwhm_px: float, pixel_size: float = 0.108, ksize: int = 11):
+    """A space-invariant Gaussian PSF (the real stack's in-focus FWHM 2.6 px = 0.51 lambda/NA)."""
+    import xarray as xr
+
+    from pcmx.model import operator_dataset
+    from pcmx.units import kernel_coords, spatial_coords
+
+    r = np.arange(ksize) - ksize // 2
+    g = np.exp(-(r[:, None] ** 2 + r[None] ** 2) / (2 * (fwhm_px / 2.355) ** 2))
+    basis = xr.DataArray((g / g.sum())[None].astype(np.float32), dims=("component", "ky", "kx"),
+                         coords={"component": [0], **kernel_coords((ksize, ksize), pixel_size)})
+    coeffs = xr.DataArray(np.ones((1, *shape), np.float32), dims=("component", "y", "x"),
+                          coords={"component": [0], **spatial_coords(shape, pixel_size)})
+    return operator_dataset(basis, coeffs)
+
+
+def test_sparse_smooth_on_8bit_clipped_beads():
+    """The user's report: 8-bit data, background clipped to a constant. With the plain noise
+    estimate (0) gamma1 was 0 and the sparse part non-zero on 97% of the pixels; now sigma is
+    estimated off the plateau (1.41x the true 0.35), the sparse part holds the beads."""
+    from pcmx.deblur import find_sources, match_sources
+    from pcmx.io.readers import PcmxWarning
+    from pcmx.simulate import simulate_beads
+
+    sim = simulate_beads((256, 256), 40, pixel_size="108nm", na=0.95, wavelength="520nm", n_immersion=1.0,
+                         photons=1500.0, photon_spread=0.5, background_level=2.0, noise=False, seed=4)
+    rng = np.random.default_rng(0)
+    y = np.rint(np.clip(sim["image"].values + rng.normal(0, 0.35, (256, 256)), 2.0, 255)).astype(np.uint8)
+    op = _gaussian_operator(y.shape, 2.6)
+    truth = sim["bead_y"].values, sim["bead_x"].values
+
+    def scored(res):
+        u1 = res["sparse"].values
+        m = match_sources(*find_sources(u1), *truth, tol=1.5)
+        return float(np.count_nonzero(u1)) / u1.size, m["f1"]
+
+    support0, f1_0 = scored(sparse_smooth(y, op, gamma1=0.0))  # what gamma1 = 0 did
+    with pytest.warns(PcmxWarning, match=r"^noise estimate: 73\.5% of the pixels sit at a clipping "
+                                         r"plateau \(2\); using 0\.494, estimated on the 8069 pixels"):
+        res = deblur(y, operator=op)
+    support, f1 = scored(res)
+    print(f"gamma1=0: support {support0:.4f}, F1 {f1_0:.3f}; default: gamma1 {res.attrs['gamma1']:.3f}, "
+          f"support {support:.4f}, F1 {f1:.3f}")
+    assert support0 > 0.95 and f1_0 < 0.5  # measured 0.973, 0.38
+    assert support < 0.025 and f1 >= 0.9  # measured 0.0156, 0.929
+    a = res.attrs
+    assert a["noise_sigma"] == pytest.approx(0.494, abs=0.001) and a["noise_source"] == "highpass_off_plateau"
+    assert a["noise_clipped_fraction"] == pytest.approx(0.735, abs=0.001) and a["noise_floor"] == pytest.approx(0.2887, abs=1e-4)
+    assert a["noise_warning"].startswith("noise estimate: 73.5% of the pixels sit at a clipping plateau")
+    assert a["pcmx_parameters"]["noise_source"] == "highpass_off_plateau"
+    pcmx.validate(res, kind="restoration")
+    # a given gamma1 needs no noise estimate: no warning, the provenance still recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        given = sparse_smooth(y, op, gamma1=1.0, max_iter=5)
+    assert given.attrs["noise_warning"] == a["noise_warning"]
+
+
+def test_sparse_smooth_on_a_real_8bit_plane(realdata):
+    """Plane 17 of the real wide-field stack (92% of its pixels at 2): sigma was 0, gamma1 0
+    and the sparse part non-zero on 93% of the pixels; now the quantisation floor, 2% of the
+    pixels, and its peaks are the stack's beads (about 46 isolated beads, README)."""
+    import tifffile
+
+    from pcmx.deblur import find_sources
+    from pcmx.io.readers import PcmxWarning
+
+    plane = tifffile.imread(realdata / "sample_zstack17.tif")
+    op = _gaussian_operator(plane.shape, 2.6)
+    with pytest.warns(PcmxWarning, match=r"91\.9% of the pixels sit at a clipping plateau \(2\); the "
+                                         r"estimate 0\.247 off the plateau is below the quantisation floor"):
+        res = sparse_smooth(plane, op)
+    u1 = res["sparse"].values
+    support = float(np.count_nonzero(u1)) / u1.size
+    n_found = len(find_sources(u1)[0])
+    print(f"plane 17: sigma {res.attrs['noise_sigma']:.3f} ({res.attrs['noise_source']}), "
+          f"gamma1 {res.attrs['gamma1']:.3f}, support {support:.4f}, {n_found} sources")
+    assert res.attrs["noise_sigma"] == pytest.approx(1 / np.sqrt(12))
+    assert res.attrs["noise_source"] == "quantisation_floor" and res.attrs["gamma1"] > 0.25
+    assert support < 0.03  # measured 0.0214 (0.927 with gamma1 = 0)
+    assert 38 <= n_found <= 55  # measured 45

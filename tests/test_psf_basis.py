@@ -6,7 +6,13 @@ import xarray as xr
 
 from pcmx.beads import bump_multiplier
 from pcmx.errors import InputError
-from pcmx.psf_basis import fit_psf_basis, hard_threshold, normalise_patches, optimal_rank
+from pcmx.psf_basis import (
+    fit_psf_basis,
+    hard_threshold,
+    normalise_patches,
+    optimal_rank,
+    snr_weights,
+)
 from pcmx.simulate import simulate_beads, true_psfs
 
 SIZE = 25
@@ -148,8 +154,14 @@ def rank3_patches():
 def test_rank_rule_on_patches_of_known_rank(rank3_patches, rule, expected):
     """Poisson noise is heteroscedastic: the unknown-noise median rules keep noise components
     (the paper's over whole patches more: 300 patches of 121 pixels, 52 of them zero after the
-    bump, so the median falls); the rule on the estimated noise finds the rank."""
-    ds = fit_psf_basis(rank3_patches, r=4.0, outlier_sigma=np.inf, rank_rule=rule)
+    bump, so the median falls); the rule on the estimated noise finds the rank (with the
+    default SNR weights too). The median rules are shown on the unweighted matrix: weighting
+    moves their median (the paper's keeps 34 instead of 35)."""
+    weights = "snr" if rule == "noise" else "equal"
+    ds = fit_psf_basis(rank3_patches, r=4.0, outlier_sigma=np.inf, rank_rule=rule, weights=weights)
+    if rule == "paper":  # whole patches, weighted on the support
+        assert fit_psf_basis(rank3_patches, r=4.0, outlier_sigma=np.inf,
+                             rank_rule=rule).attrs["n_components"] == 34
     assert ds.sizes["component"] == ds.attrs["n_components"] == expected
     assert ds.attrs["n_components_rule"] == {"noise": "gavish-donoho noise",
                                              "support": "gavish-donoho support",
@@ -230,3 +242,47 @@ def test_noise_threshold_with_a_vanishing_bump_stays_finite():
     bump_ok[:3] = 0.0  # the same pixels excluded outright
     assert np.isfinite(thr) and thr > 0
     np.testing.assert_allclose(thr, noise_threshold(raw, bump_ok, comps), rtol=1e-6)
+
+
+def test_equal_weights_are_the_unweighted_pca(noisy_patches):
+    """The weighted PCA with equal weights is the unweighted one, exactly."""
+    plain = fit_psf_basis(noisy_patches, weights="equal")
+    ones = fit_psf_basis(noisy_patches, weights=np.ones(noisy_patches.sizes["bead"]))
+    for name in ("psf_basis", "beta", "singular_values", "kept"):
+        np.testing.assert_array_equal(plain[name].values, ones[name].values)
+    same = fit_psf_basis(noisy_patches, weights=np.full(noisy_patches.sizes["bead"], 3.7))
+    np.testing.assert_allclose(same["psf_basis"].values, plain["psf_basis"].values, atol=1e-6)
+    assert plain.attrs["weights"] == "equal" and ones.attrs["weights"] == "given"
+    np.testing.assert_array_equal(plain["weight"].values, plain["kept"].values.astype(float))
+    np.testing.assert_array_equal(snr_weights(np.full(7, 4.2), 10.0), np.ones(7))
+    with pytest.raises(InputError, match="weights"):
+        fit_psf_basis(noisy_patches, weights="flux")
+    with pytest.raises(InputError, match="snr_ref"):
+        fit_psf_basis(noisy_patches, snr_ref=0.0)
+
+
+def test_snr_weights_recover_the_basis_that_faint_beads_spoil(sim):
+    """40 of 200 beads at 300 photons (their normalised patches mostly noise), 160 at 20000:
+    unweighted, the noise rows hide every component but the first (I = 1) and, at a given
+    I = 5, pull the basis off the PSFs; weighted by SNR the basis spans the true PSFs."""
+    rng = np.random.default_rng(0)
+    ys, xs = rng.uniform(0, 255, 200), rng.uniform(0, 255, 200)
+    photons = np.full(200, 20000.0)
+    photons[:40] = 300.0
+    p = (rng.poisson(true_psfs(sim, ys, xs, size=SIZE) * photons[:, None, None] + 20.0) - 20.0)
+    patches = xr.DataArray(p.astype(np.float32), dims=("bead", "ky", "kx"),
+                           coords={"bead_y": ("bead", ys), "bead_x": ("bead", xs)})
+    truth = true_psfs(sim, rng.uniform(0, 255, 50), rng.uniform(0, 255, 50), size=SIZE)
+    rows = {}
+    for weights in ("equal", "snr"):
+        for n in (None, 5):
+            ds = fit_psf_basis(patches, n, weights=weights)
+            rows[weights, n] = (ds.attrs["n_components"],
+                                float(np.median(_relative_projection_error(ds, truth))), ds)
+    print({k: v[:2] for k, v in rows.items()})
+    snr = rows["snr", None][2]["snr"].values
+    assert np.nanmedian(snr[:40]) < 2.5 and np.nanmedian(snr[40:]) > 12  # measured 0.95, 17.3
+    # measured: equal I = 1, 0.124; snr I = 7, 0.017; at I = 5: 0.078 vs 0.025
+    assert rows["equal", None][0] == 1 and rows["snr", None][0] >= 5
+    assert rows["snr", None][1] < 0.03 and rows["equal", None][1] > 0.09
+    assert rows["snr", 5][1] < 0.5 * rows["equal", 5][1]

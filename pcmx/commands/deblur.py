@@ -100,5 +100,6 @@ def run(args) -> int:
              f"(residual {a['identification_residual']:.3f})" if args.family else "")
     print(f"wrote {', '.join(paths.values())}{' and ' + args.store if args.store else ''}: "
           f"{a['iterations']} iterations{' (converged)' if a['converged'] else ''}, "
-          f"gamma1={a['gamma1']:.4g}, gamma2={a['gamma2']:.4g}, offset={a['offset']:.4g}{ident}")
+          f"gamma1={a['gamma1']:.4g} (noise {a['noise_sigma']:.3g}: {a['noise_source']}), "
+          f"gamma2={a['gamma2']:.4g}, offset={a['offset']:.4g}{ident}")
     return 0

@@ -47,10 +47,12 @@ operator's statistics for the default weights (a few PSFs) are computed on the h
 Default weights
 ---------------
 ``gamma1 = 4 sigma ||h||_2`` with ``sigma`` the noise standard deviation estimated from the
-image (:func:`pcmx.noise.estimate_noise`) and ``||h||_2`` the median l2 norm of the operator's PSFs over
-the field: at ``u1 = 0`` the optimality condition is ``(H^T r)_p <= gamma1`` and for a residual
-of white noise ``(H^T r)_p`` has standard deviation ``sigma ||h_p||_2``, so pure noise
-activates a pixel of ``u1`` with probability about 3e-5 (a Gaussian tail at 4 sigma).
+image (:func:`pcmx.noise.estimate_noise`: off any clipping plateau, never below the
+quantisation floor ``q / sqrt(12)``, with a warning when degenerate) and ``||h||_2`` the
+median l2 norm of the operator's PSFs over the field: at ``u1 = 0`` the optimality
+condition is ``(H^T r)_p <= gamma1`` and for a residual of white noise ``(H^T r)_p`` has
+standard deviation ``sigma ||h_p||_2``, so pure noise activates a pixel of ``u1`` with
+probability about 3e-5 (a Gaussian tail at 4 sigma).
 
 ``gamma2 = l^4 / 2`` with ``l`` the background's smallest length scale in pixels
 (``background_scale``, default twice the FWHM of the operator's PSF at the centre of the
@@ -144,21 +146,45 @@ def _psf_stats(op) -> tuple[float, float]:
 
 
 def default_weights(image, op, *, sigma: float | None = None,
-                    background_scale: float | None = None) -> dict:
+                    background_scale: float | None = None, warn: bool = True) -> dict:
     """The default ``gamma1``, ``gamma2`` of :func:`sparse_smooth` and what they come from.
+
+    Parameters
+    ----------
+    image : array (y, x), NumPy or CuPy
+    op : object with ``apply``, ``adjoint``, ``shape`` (``psf_at`` used when present)
+    sigma : float, optional
+        The noise level; estimated by :func:`pcmx.noise.estimate_noise` when None (which
+        leaves out a clipping plateau and never goes below the quantisation floor).
+    background_scale : float, optional
+        ``l`` in pixels (default 2 PSF FWHMs).
+    warn : bool
+        Let :func:`pcmx.noise.estimate_noise` warn (a :class:`pcmx.PcmxWarning`) when its
+        estimate is degenerate; the message is returned in ``noise_warning`` either way.
 
     Returns
     -------
     dict
         ``gamma1``, ``gamma2``, ``noise_sigma``, ``psf_l2``, ``psf_fwhm_px``,
-        ``background_scale_px``.
+        ``background_scale_px``, and the noise's provenance: ``noise_source`` (``"given"``
+        or the ``source`` of :func:`pcmx.noise.estimate_noise`), ``noise_estimate`` (before
+        the floor; -1 when there was none), ``noise_floor``, ``noise_clipped_fraction``,
+        ``noise_warning`` ("" when none).
     """
-    sigma = estimate_noise(image) if sigma is None else float(sigma)
+    if sigma is None:
+        info = estimate_noise(image, return_info=True, warn=warn)
+        noise = {"noise_sigma": info["sigma"], "noise_source": info["source"],
+                 "noise_estimate": -1.0 if info["estimate"] is None else float(info["estimate"]),
+                 "noise_floor": info["floor"], "noise_clipped_fraction": float(info["clipped_fraction"]),
+                 "noise_warning": info["warning"] or ""}
+    else:
+        noise = {"noise_sigma": float(sigma), "noise_source": "given", "noise_estimate": float(sigma),
+                 "noise_floor": 0.0, "noise_clipped_fraction": 0.0, "noise_warning": ""}
     l2, fwhm = _psf_stats(op)
     ell = BACKGROUND_SCALE_FWHM * fwhm if background_scale is None else float(background_scale)
     if not ell > 0:
         raise InputError(f"background_scale={background_scale!r} must be a positive number of pixels")
-    return {"gamma1": GAMMA1_FACTOR * sigma * l2, "gamma2": ell**4 / 2.0, "noise_sigma": sigma,
+    return {"gamma1": GAMMA1_FACTOR * noise["noise_sigma"] * l2, "gamma2": ell**4 / 2.0, **noise,
             "psf_l2": l2, "psf_fwhm_px": fwhm, "background_scale_px": ell}
 
 
@@ -343,7 +369,15 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
         (``H (u1 + u2) + b``), all (y, x) float32 (NumPy or CuPy, as the image) with the
         image's coordinates, and
         ``objective (iteration)``; attrs ``gamma1``, ``gamma2``, ``offset``, ``iterations``,
-        ``converged``, ``noise_sigma``, ``lipschitz``, ``background_scale_px``, ``restarts``.
+        ``converged``, ``noise_sigma`` and its provenance (``noise_source``,
+        ``noise_estimate``, ``noise_floor``, ``noise_clipped_fraction``, ``noise_warning``:
+        see :func:`default_weights`), ``lipschitz``, ``background_scale_px``, ``restarts``.
+
+    Warns
+    -----
+    PcmxWarning
+        When ``gamma1`` is None and the noise estimate is degenerate (quantised or clipped
+        data: :func:`pcmx.noise.estimate_noise`); the same line is kept in ``noise_warning``.
 
     Raises
     ------
@@ -370,7 +404,7 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
     data = img.data
     xp = _backend.xp(data)  # the one dispatch: NumPy in, NumPy out; CuPy in, CuPy out
     y = xp.ascontiguousarray(xp.asarray(data), dtype=np.float32)
-    dw = default_weights(y, op, background_scale=background_scale)
+    dw = default_weights(y, op, background_scale=background_scale, warn=gamma1 is None)
     g1 = dw["gamma1"] if gamma1 is None else gamma1
     g2 = dw["gamma2"] if gamma2 is None else gamma2
     lip = lipschitz_estimate(op, like=y) * _LIPSCHITZ_SAFETY
@@ -473,7 +507,10 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
             "gamma1": float(g1), "gamma2": float(g2), "offset": float(b),
             "offset_estimated": fixed_b is None, "iterations": int(k), "converged": bool(converged),
             "restarts": int(restarts), "prox_inner_iterations": int(prox2.inner),
-            "noise_sigma": float(dw["noise_sigma"]), "lipschitz": float(1.0 / (2.0 * tau)),
+            "noise_sigma": float(dw["noise_sigma"]), "noise_source": dw["noise_source"],
+            "noise_estimate": float(dw["noise_estimate"]), "noise_floor": float(dw["noise_floor"]),
+            "noise_clipped_fraction": float(dw["noise_clipped_fraction"]),
+            "noise_warning": dw["noise_warning"], "lipschitz": float(1.0 / (2.0 * tau)),
             "backtracks": int(backtracks),
             "background_scale_px": float(dw["background_scale_px"]),
             "psf_fwhm_px": float(dw["psf_fwhm_px"]), "psf_l2": float(dw["psf_l2"]),
