@@ -56,6 +56,7 @@ __all__ = [
     "normalised_radius",
     "radius_vector",
     "REJECTION_REASONS",
+    "hot_pixels",
     "patch_shapes",
     "classify_shapes",
     "field_trend",
@@ -65,7 +66,14 @@ __all__ = [
 SPATIAL_DIMS = ("z", "y", "x")
 KERNEL_DIMS = ("kz", "ky", "kx")
 #: Reasons :func:`classify_beads` gives, in order of priority (a bead is counted once).
-REJECTION_REASONS = ("border", "saturated", "crowded")
+REJECTION_REASONS = ("border", "saturated", "hot_pixel", "crowded")
+#: A detection whose brightest face-neighbour pixel rises less than this fraction as far above
+#: the local background as its centre pixel is one bright pixel (a hot pixel, a cosmic ray),
+#: not a PSF. Measured on the real star fields (``docs/realdata.md``): 0.003-0.12 for the
+#: sensor's hot pixels, 0.2 and more for stars of FWHM 0.9-2.2 px; 0.6-0.9 for beads. A
+#: Gaussian PSF integrated over the pixels gives 0.157 at FWHM 1.0 px centred on a pixel (the
+#: worst phase): PSFs sampled at 1 px FWHM or finer are never taken for hot pixels.
+HOT_PIXEL_RATIO = 0.15
 #: r_ext / r (App. A-d: "In practice, we set r_ext = 1.2 r").
 R_EXT_FACTOR = 1.2
 #: Extra pixels gathered around each patch so the B-spline prefilter's boundary does not reach it.
@@ -586,13 +594,14 @@ def saturation_level(image, saturation: float | None = None) -> float | None:
 
 def classify_beads(positions, shape, r, *, image=None, saturation: float | None = None,
                    r_ext_factor: float = R_EXT_FACTOR) -> np.ndarray:
-    """Why each detection is rejected (App. A-b): ``""`` (kept), ``"border"``, ``"saturated"``
-    or ``"crowded"``, in that priority.
+    """Why each detection is rejected (App. A-b): ``""`` (kept), ``"border"``, ``"saturated"``,
+    ``"hot_pixel"`` or ``"crowded"``, in that priority.
 
     * border: the patch (half side ``ceil(r_ext)``, ``r_ext = 1.2 r``) does not fit in the image;
     * saturated: a pixel within 2 pixels of the detection reaches :func:`saturation_level`
       (needs ``image``);
-    * crowded: another detection closer than ``2 r``.
+    * hot_pixel: one bright pixel, not a PSF (:func:`hot_pixels`; needs ``image``);
+    * crowded: another detection (not a hot pixel) closer than ``2 r``.
 
     Returns
     -------
@@ -608,22 +617,59 @@ def classify_beads(positions, shape, r, *, image=None, saturation: float | None 
         return reason.astype(str)
     ci = np.rint(pos).astype(np.int64)
     border = ~np.all((ci >= half) & (ci <= np.asarray(shape) - 1 - half), axis=1)
-    crowded = np.zeros(len(pos), dtype=bool)
-    if len(pos) > 1:
-        pairs = cKDTree(pos / rv).query_pairs(2.0 - 1e-9, output_type="ndarray")
-        if len(pairs):
-            crowded[pairs.ravel()] = True
     saturated = np.zeros(len(pos), dtype=bool)
+    hot = np.zeros(len(pos), dtype=bool)
     if image is not None:
         data = image.values if isinstance(image, xr.DataArray) else np.asarray(image)
         level = saturation_level(data, saturation)
         if level is not None:
             core = _gather(data, ci, 2)
             saturated = core.reshape(len(pos), -1).max(axis=1) >= level
+        hot = hot_pixels(data, ci) & ~saturated
+    crowded = np.zeros(len(pos), dtype=bool)
+    real = np.flatnonzero(~hot)  # one bright pixel crowds no bead
+    if len(real) > 1:
+        pairs = cKDTree(pos[real] / rv).query_pairs(2.0 - 1e-9, output_type="ndarray")
+        if len(pairs):
+            crowded[real[pairs.ravel()]] = True
     reason[crowded] = "crowded"
+    reason[hot] = "hot_pixel"
     reason[saturated] = "saturated"
     reason[border] = "border"
     return reason.astype(str)
+
+
+def hot_pixels(image, centres, *, ratio: float = HOT_PIXEL_RATIO) -> np.ndarray:
+    """Detections that are one bright pixel (:data:`HOT_PIXEL_RATIO`).
+
+    Parameters
+    ----------
+    image : ndarray ([z,] y, x)
+    centres : ndarray (N, ndim) of int
+        Detections, rounded to pixels.
+
+    Returns
+    -------
+    ndarray bool (N,)
+    """
+    data = np.asarray(image)
+    nd = data.ndim
+    ci = np.asarray(centres, dtype=np.int64)
+    if len(ci) == 0:
+        return np.zeros(0, dtype=bool)
+    win = _gather(data.astype(np.float64, copy=False), ci, 3).reshape((len(ci),) + (7,) * nd)
+    edge = np.ones((7,) * nd, dtype=bool)
+    edge[(slice(1, -1),) * nd] = False
+    background = np.median(win[:, edge], axis=1)
+    centre = win[(slice(None),) + (3,) * nd] - background
+    faces = []
+    for d in range(nd):
+        for step in (-1, 1):
+            idx = [3] * nd
+            idx[d] += step
+            faces.append(win[(slice(None), *idx)])
+    neighbour = np.max(np.stack(faces, axis=1), axis=1) - background
+    return (centre > 0) & (neighbour < ratio * centre)
 
 
 def reject_beads(positions, shape, r, *, image=None, saturation: float | None = None,

@@ -30,7 +30,6 @@ The halo
 from __future__ import annotations
 
 import dataclasses
-
 import time
 
 import numpy as np

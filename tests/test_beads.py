@@ -60,17 +60,38 @@ def test_psf_radius(sim):
     assert 5 <= r <= 20, r
 
 
-def test_reject_border_crowded_saturated():
+def test_reject_border_crowded_saturated_hot_pixel():
     shape = (100, 100)
-    img = np.zeros(shape, np.uint16)
-    pos = np.array([[50.0, 50.0], [3.0, 40.0], [20.0, 80.0], [24.0, 84.0], [70.0, 20.0]])
+    yy, xx = np.mgrid[:100, :100]
+    img = (100 + 1000 * np.exp(-((yy - 50) ** 2 + (xx - 50) ** 2) / 2.0)).astype(np.uint16)
+    pos = np.array([[50.0, 50.0], [3.0, 40.0], [20.0, 80.0], [24.0, 84.0], [70.0, 20.0],
+                    [85.0, 60.0], [50.0, 57.0]])
     img[70, 20] = np.iinfo(np.uint16).max
-    img[50, 50] = 1000
+    img[85, 60] = 5000  # one bright pixel: a hot pixel, no PSF
+    img[50, 57] = 3000  # a hot pixel 7 px from the bead crowds nothing
     keep, reasons = B.reject_beads(pos, shape, 5, image=img)
-    np.testing.assert_array_equal(keep, [True, False, False, False, False])
-    assert reasons["border"] == 1 and reasons["crowded"] == 2 and reasons["saturated"] == 1
+    np.testing.assert_array_equal(keep, [True, False, False, False, False, False, False])
+    assert reasons == {"border": 1, "saturated": 1, "hot_pixel": 2, "crowded": 2}
     keep, reasons = B.reject_beads(pos, shape, 5, image=img, saturation=900)
-    assert not keep[0] and reasons["saturated"] == 2
+    assert not keep[0] and reasons["saturated"] == 4
+
+
+def test_hot_pixels_against_sampled_psfs():
+    """A PSF of FWHM 1.1 px centred on a pixel still spreads 20% of its centre pixel's excess to
+    the next pixel (pixel integration; 0.157 at FWHM 1.0); one bright pixel spreads nothing."""
+    yy, xx = np.mgrid[:32, :32].astype(np.float64)
+    from scipy.special import erf
+
+    def integrated(cy, cx, fwhm):
+        s = fwhm / 2.355
+        fy = 0.5 * (erf((yy + 0.5 - cy) / (np.sqrt(2) * s)) - erf((yy - 0.5 - cy) / (np.sqrt(2) * s)))
+        fx = 0.5 * (erf((xx + 0.5 - cx) / (np.sqrt(2) * s)) - erf((xx - 0.5 - cx) / (np.sqrt(2) * s)))
+        return fy * fx
+
+    img = 50 + 1e4 * (integrated(10, 10, 1.1) + integrated(20.3, 22.2, 0.9))
+    img[10, 25] += 8000
+    hot = B.hot_pixels(img, np.array([[10, 10], [20, 22], [10, 25]]))
+    np.testing.assert_array_equal(hot, [False, False, True])
 
 
 def test_centring_subpixel(bright):
@@ -315,7 +336,7 @@ def test_classify_reasons_and_priority():
     reason = B.classify_beads(pos, (64, 64), 4, image=img)
     assert reason.tolist() == ["border", "crowded", "crowded", "border"]
     keep, counts = B.reject_beads(pos, (64, 64), 4, image=img)
-    assert counts == {"border": 2, "saturated": 0, "crowded": 2} and not keep.any()
+    assert counts == {"border": 2, "saturated": 0, "hot_pixel": 0, "crowded": 2} and not keep.any()
 
 
 @pytest.mark.parametrize(("call", "message"), [

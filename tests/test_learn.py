@@ -139,7 +139,7 @@ def test_only_overlapping_beads_and_a_wrong_pixel_size_are_refused():
             for dx in (0, 6):
                 img += 3000 * np.exp(-((yy - cy) ** 2 + (xx - cx - dx) ** 2) / (2 * 1.5**2))
     img = np.random.default_rng(0).poisson(img).astype(np.float32)
-    with pytest.raises(InputError, match=r"all 18 detected beads were rejected \(border 0, saturated 0, "
+    with pytest.raises(InputError, match=r"all 18 detected beads were rejected \(border 0, saturated 0, hot_pixel 0, "
                                          r"crowded 18\)"):
         learn_operator(img)
     with pytest.raises(InputError, match=r"^pixel_size='65 apples' is not a length \(e.g. '65nm'\)$"):

@@ -102,8 +102,6 @@ def test_no_saturated_star_is_used(frames, learned):
 
 
 @pytest.mark.realdata
-@pytest.mark.xfail(strict=True, reason="hot pixels pass detection, isolation and the shape tests: "
-                   "docs/realdata.md, 'Hot pixels'")
 def test_hot_pixels_are_neither_fitted_nor_held_out(learned):
     """A hot pixel (one bright pixel, no PSF) is not a star: neither fitted nor held out."""
     fitted = held = 0
