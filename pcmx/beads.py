@@ -1075,10 +1075,11 @@ def _excess(excess: np.ndarray, margin: float, sigma: float) -> np.ndarray:
 
 def _shared_feature(ratio: np.ndarray, offset: np.ndarray, positions: np.ndarray,
                     candidates: np.ndarray, *, neighbours: int = 6, tolerance: float = 2.0,
-                    agree: int = 2) -> np.ndarray:
+                    agree: int = 1) -> np.ndarray:
     """Candidates whose second peak is a feature of the PSF there, not a neighbour: at least
     ``agree`` of their ``neighbours`` nearest beads have one at the same offset (within
-    ``tolerance`` pixels) and at least half as strong. A coma or astigmatism lobe in a corner
+    ``tolerance`` pixels) and at least half as strong (a faint neighbour at a random offset
+    in the ring between r/2 and r_ext matches one of 6 beads' by chance a few % of the time). A coma or astigmatism lobe in a corner
     of the field repeats from bead to bead; a faint neighbour sits at a random offset."""
     k = min(neighbours, len(positions) - 1)
     _, idx = cKDTree(positions).query(positions, k=k + 1)

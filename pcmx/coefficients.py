@@ -448,15 +448,17 @@ def _adaptive_lattice(tps: ThinPlateSpline, shape, step, tol, *, kind, generator
     kdt = working_dtype(dtype)
 
     def evaluate(nodes):
-        vals = tps.evaluate_nodes(nodes, kernel_dtype=kdt)
-        return vals if project_lattice is None else project_lattice(vals)
+        return tps.evaluate_nodes(nodes, kernel_dtype=kdt)
 
     sample = check_pixels(tps.points, shape)
     exact = tps(sample)
     if project_rows is not None:
         exact = project_rows(exact)
+    # the step is refined outside the cells the projection moves (its kinks converge at first
+    # order only; see pcmx.lattice.adaptive_upsample)
     return adaptive_upsample(evaluate, shape, step, sample=sample, exact=exact,
-                             tol=tol if auto else None, kind=kind, dtype=dtype, block=_NODE_BLOCK)
+                             tol=tol if auto else None, kind=kind, dtype=dtype, block=_NODE_BLOCK,
+                             project=project_lattice)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,8 +29,12 @@ from .patches import BeadPatches
 from .psf_basis import fit_psf_basis
 from .units import kernel_coords, pixel_size, spatial_coords
 
-__all__ = ["Realism", "realism_policy", "fit_operator", "REALISM_KINDS", "CONE_FLOOR",
-           "NONNEGATIVE_FLOOR"]
+__all__ = ["Realism", "realism_policy", "fit_operator", "detection_diagnostics", "REALISM_KINDS",
+           "CONE_FLOOR", "NONNEGATIVE_FLOOR", "DETECTION_STATUS"]
+
+#: What became of each detection (``detection_status`` in an operator store, CF flags).
+DETECTION_STATUS = ("used", "border", "saturated", "hot_pixel", "crowded", "second_peak", "width",
+                    "elongated", "off_centre", "outlier", "map_outlier", "skipped")
 
 #: Negative part allowed in the cone's generators, relative to their peak (App. C-b): a conical
 #: combination's peak can be lower than the sum of its generators' peaks (they sit at slightly
@@ -121,6 +125,22 @@ def realism_policy(value, *, angle_threshold_deg: float | None = None) -> Realis
     return Realism(_ALIASES[key], **kw)
 
 
+def detection_diagnostics(detections: np.ndarray, status, sdims) -> dict:
+    """Every detection's position and status as variables of an operator store: ``detection_
+    [z,] y, x`` (pixels) and ``detection_status`` (int8 codes with CF ``flag_values`` /
+    ``flag_meanings``, :data:`DETECTION_STATUS`; "skipped": an isolated bead left out by
+    ``max_beads``)."""
+    codes = {name: k for k, name in enumerate(DETECTION_STATUS)}
+    flags = np.array([codes.get(str(v) or "skipped", codes["skipped"]) for v in status], dtype=np.int8)
+    out = {f"detection_{d}": ("detection", np.asarray(detections)[:, k], {"units": "pixel"})
+           for k, d in enumerate(sdims)}
+    out["detection_status"] = ("detection", flags, {
+        "flag_values": list(range(len(DETECTION_STATUS))),
+        "flag_meanings": " ".join(DETECTION_STATUS),
+        "long_name": "what became of each detection (pcmx.fit.DETECTION_STATUS)"})
+    return out
+
+
 def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float | None = None,
                  realism: Realism | str | bool = "cone", image: xr.DataArray | None = None,
                  outlier_test: str = "field", outlier_sigma: float = 3.0,
@@ -158,6 +178,7 @@ def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float
         Fewer usable beads than the spline needs (ndim + 2).
     """
     policy = realism_policy(realism)
+    status = bp.detection_status()
     bp = bp.usable_beads()  # beads whose patch is not a clean PSF inform no model
     nd = len(bp.shape)
     t = {}
@@ -203,6 +224,12 @@ def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float
     )
     for d in sdims:
         ds[f"bead_{d}"].attrs["units"] = "pixel"
+    if status is not None:
+        det = np.asarray(bp.bead_detection if bp.bead_detection is not None else [], dtype=np.int64)
+        if len(det) == len(kept):
+            status[det[~kept]] = "outlier"
+            status[det[np.flatnonzero(kept)[info["rejected"]]]] = "map_outlier"
+        ds = ds.assign(detection_diagnostics(bp.detections, status, sdims))
     if proj["generators"] is not None:
         ds["cone_generators"] = (("generator", "component"), np.asarray(proj["generators"], dtype=np.float32))
     eta_used = np.atleast_1d(np.asarray(tps.eta, dtype=float))

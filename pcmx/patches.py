@@ -75,6 +75,13 @@ class BeadPatches:
         any other) but no model is fitted on them (:attr:`usable`).
     shapes : dict, optional
         The statistics they were judged on (:func:`pcmx.beads.patch_shapes`).
+    detections : ndarray (N, ndim), optional
+        Every detection of the image (pixels), strongest first.
+    detection_reasons : ndarray of str (N,), optional
+        Why each detection is not among the beads (:func:`pcmx.beads.classify_beads`: border,
+        saturated, hot_pixel, crowded), ``""`` for the beads.
+    bead_detection : ndarray of int (M,), optional
+        The detection each bead comes from.
     """
 
     patches: xr.DataArray
@@ -85,6 +92,9 @@ class BeadPatches:
     timings: dict = field(default_factory=dict)
     reasons: np.ndarray | None = None
     shapes: dict | None = None
+    detections: np.ndarray | None = None
+    detection_reasons: np.ndarray | None = None
+    bead_detection: np.ndarray | None = None
 
     @property
     def usable(self) -> np.ndarray:
@@ -102,7 +112,21 @@ class BeadPatches:
                            timings=dict(self.timings),
                            reasons=None if self.reasons is None else np.asarray(self.reasons)[idx],
                            shapes=None if self.shapes is None else {
-                               k: np.asarray(v)[idx] for k, v in self.shapes.items()})
+                               k: np.asarray(v)[idx] for k, v in self.shapes.items()},
+                           detections=self.detections, detection_reasons=self.detection_reasons,
+                           bead_detection=None if self.bead_detection is None else self.bead_detection[idx])
+
+    def detection_status(self) -> np.ndarray:
+        """Each detection's status: its rejection reason, the shape reason of a bead, or
+        ``"used"`` for a bead a model may be fitted on (a fit adds ``"outlier"`` and
+        ``"map_outlier"``); None without detections."""
+        if self.detections is None:
+            return None
+        status = np.asarray(self.detection_reasons, dtype=object).copy()
+        reasons = self.reasons if self.reasons is not None else np.full(len(self), "")
+        for i, d in enumerate(self.bead_detection):  # M beads, a few hundred
+            status[d] = reasons[i] or "used"
+        return status.astype(str)
 
     def usable_beads(self) -> BeadPatches:
         """The beads a model may be fitted on (:attr:`usable`)."""
@@ -179,6 +203,8 @@ class _Detected:
     work: np.ndarray  # float32 pixels
     data: np.ndarray  # the original pixels (saturation is judged on them)
     detections: np.ndarray  # every detection, strongest first
+    reasons: np.ndarray  # why each detection is not a bead ("" for the beads)
+    index: np.ndarray  # the detection of each kept bead
     kept: np.ndarray  # centred positions of the kept beads
     radius: int | tuple
     counts: dict
@@ -199,7 +225,9 @@ def _detect(image, *, psf_radius, threshold, saturation, pixel_size, max_beads) 
         raise InputError(f"{source}: no beads detected (threshold {dinfo.get('threshold', '?'):.3g})")
     t0 = time.perf_counter()
     r = resolve_radius(psf_radius, work, positions)
-    keep, reasons = beads.reject_beads(positions, work.shape, r, image=data, saturation=saturation)
+    why_not = beads.classify_beads(positions, work.shape, r, image=data, saturation=saturation)
+    keep = why_not == ""
+    reasons = {k: int(np.sum(why_not == k)) for k in beads.REJECTION_REASONS}
     t["reject"] = time.perf_counter() - t0
     counts = {"detected": int(len(positions)), **{f"rejected_{k}": int(v) for k, v in reasons.items()}}
     if not np.any(keep):
@@ -208,11 +236,12 @@ def _detect(image, *, psf_radius, threshold, saturation, pixel_size, max_beads) 
                          f"psf_radius r={r} px")
     t0 = time.perf_counter()
     pos = beads.center_beads(work, positions[keep], r)
+    index = np.flatnonzero(keep)
     if max_beads is not None:  # detections come sorted by strength: keep the strongest
-        pos = pos[: int(max_beads)]
+        pos, index = pos[: int(max_beads)], index[: int(max_beads)]
     t["centre"] = time.perf_counter() - t0
-    return _Detected(work=work, data=data, detections=positions, kept=np.asarray(pos, np.float64),
-                     radius=r, counts=counts, timings=t)
+    return _Detected(work=work, data=data, detections=positions, reasons=why_not, index=index,
+                     kept=np.asarray(pos, np.float64), radius=r, counts=counts, timings=t)
 
 
 def raw_bead_patches(image, *, psf_radius=None, threshold: float | None = None,
@@ -292,7 +321,8 @@ def bead_patches(image, *, psf_radius=None, threshold: float | None = None,
         d.timings["shapes"] = time.perf_counter() - t0
     return BeadPatches(patches=patches, positions=d.kept, radius=d.radius,
                        shape=tuple(d.work.shape), counts=d.counts, timings=d.timings,
-                       reasons=reasons, shapes=shapes)
+                       reasons=reasons, shapes=shapes, detections=np.asarray(d.detections, np.float64),
+                       detection_reasons=np.asarray(d.reasons, dtype=str), bead_detection=d.index)
 
 
 def patches_at(image, positions, r, *, background: str | None = None) -> BeadPatches:

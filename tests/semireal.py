@@ -97,3 +97,47 @@ def heldout_against(train_image, clean_image, *, folds: int = 5, seed: int = 0, 
         err[test] = np.linalg.norm((pred - t).reshape(len(t), -1), axis=1) / np.linalg.norm(
             t.reshape(len(t), -1), axis=1)
     return float(np.median(err)), err
+
+
+def simulated_thick_plane(sim, *, seed: int = 0, defocus_um=(0.6, 1.8), fraction: float = 1 / 3,
+                          size: int = 49):
+    """A simulated focal plane of a thick sample, where the truth is known: the beads of the 2D
+    simulation ``sim`` rendered with their exact PSFs (:func:`pcmx.simulate.true_psfs`), a
+    third of them ``defocus_um`` above or below focus, on the simulation's background, with
+    Poisson and read noise through its camera; and the same plane with every bead in focus.
+
+    Returns ``(thick, clean, moved)``: two DataArrays (y, x) and the moved beads' indices.
+    """
+    from pcmx.simulate import true_psfs
+
+    rng = np.random.default_rng(seed)
+    y, x = sim["bead_y"].values, sim["bead_x"].values
+    amp = sim["amplitude"].values
+    n = len(y)
+    moved = rng.choice(n, size=int(round(fraction * n)), replace=False)
+    dz = rng.uniform(*defocus_um, size=len(moved)) * rng.choice([-1, 1], size=len(moved))
+    cam = sim.attrs["camera"]
+    shape = sim["image"].shape
+    h = size // 2
+    images = []
+    for defocus in (True, False):
+        photons = np.asarray(sim["background"].values, dtype=np.float64).copy()
+        psfs = true_psfs(sim, y, x, size=size).astype(np.float64)
+        if defocus:
+            for m, d in zip(moved, dz, strict=True):
+                psfs[m] = true_psfs(sim, [y[m]], [x[m]], size=size, defocus=float(d))[0]
+        big = np.zeros((shape[0] + 2 * h, shape[1] + 2 * h))
+        iy, ix = np.rint(y).astype(int), np.rint(x).astype(int)
+        oy, ox = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+        # true_psfs centres each PSF on its bead's sub-pixel position: shift by the fraction
+        import scipy.ndimage as ndi
+
+        for m in range(n):
+            p = ndi.shift(psfs[m], (y[m] - iy[m], x[m] - ix[m]), order=3, mode="constant")
+            big[iy[m] + oy, ix[m] + ox] += amp[m] * p
+        photons += big[h:h + shape[0], h:h + shape[1]]
+        noise = np.random.default_rng(seed + 1000)
+        electrons = noise.poisson(np.clip(photons, 0, None)) + noise.normal(0, cam["read_noise_electrons"], shape)
+        adu = np.clip(np.rint(electrons * cam["gain_adu_per_electron"] + cam["offset_adu"]), 0, 65535)
+        images.append(sim["image"].copy(data=adu.astype(np.uint16)))
+    return images[0], images[1], moved
