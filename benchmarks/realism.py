@@ -17,7 +17,7 @@ learned alone (``learn_operator(plane, realism=...)``). The figures before and a
 are in ``docs/performance.md`` (section "Realism projections on half-erased real planes").
 
     .venv/bin/python benchmarks/realism.py [--planes 14-19] [--cell 128] [--radius 2.5]
-        [--parity 0] [--kinds nonnegative,cone,none]
+        [--parity 1] [--kinds nonnegative,cone,none]
 
 The pcmx imported is the one on ``sys.path`` (run it with ``PYTHONPATH`` pointing at an older
 copy to measure the code before a change).
@@ -40,7 +40,7 @@ from pcmx.beads import detect_beads, estimate_psf_radius
 STACK = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "widefield-bead-zstack"
 
 
-def erase_checkerboard(image, *, cell: int = 128, radius_factor: float = 2.5, parity: int = 0,
+def erase_checkerboard(image, *, cell: int = 128, radius_factor: float = 2.5, parity: int = 1,
                        seed: int = 0) -> tuple[np.ndarray, int, int]:
     """Erase the beads of half the cells of a checkerboard, as a user holding them out would.
 
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--planes", default="14-19")
     p.add_argument("--cell", type=int, default=128)
     p.add_argument("--radius", type=float, default=2.5, help="erased disk radius / PSF radius r")
-    p.add_argument("--parity", type=int, default=0)
+    p.add_argument("--parity", type=int, default=1)
     p.add_argument("--kinds", default="nonnegative,cone,none")
     a = p.parse_args(argv)
     if not STACK.is_dir():

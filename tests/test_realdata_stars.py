@@ -14,6 +14,7 @@ the tests ask pcmx never to lose much against the space-invariant reference.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 
 import pcmx
 from pcmx.cross_validation import cross_validate_family
+from pcmx.io.readers import PcmxWarning
 
 STARS = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "star-field-camera"
 PIXEL = "6.9um"  # the files carry no pixel size (the README)
@@ -53,7 +55,10 @@ def learned(frames):
     out = {}
     for p in frames:
         t0 = time.perf_counter()
-        ds = pcmx.learn_operator(p, pixel_size=PIXEL, validate=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PcmxWarning)
+            ds = pcmx.learn_operator(p, pixel_size=PIXEL, validate=True)
+        ds.attrs["warnings"] = [str(w.message) for w in caught]
         out[_label(p)] = (ds, time.perf_counter() - t0)
     return out
 
@@ -75,10 +80,19 @@ def test_each_star_frame_never_much_worse_than_invariant(learned):
         # at the noise floor: both errors between 0.35 and 0.55 (measured 0.41-0.49)
         assert 0.35 < cv["median_error"] < 0.55
         assert 0.35 < cv["median_error_invariant"] < 0.55
-        # measured 0.997-1.007 per frame (0.91-1.02 while hot pixels reached the fit)
-        assert cv["improvement"] > 0.97, name
+        # measured 0.996-1.014 per frame (0.91-1.02 while hot pixels reached the fit)
+        assert cv["improvement"] > 0.98, name
+        # model selection: where the reference predicts the held-out stars better, the stored
+        # model is the space-invariant one, and a warning says so
+        sel = par["model_selection"]
+        if cv["improvement"] < 1:
+            assert sel["chosen"] == "space-invariant" and ds.sizes["component"] == 1, name
+            assert any("stored the space-invariant model" in w for w in ds.attrs["warnings"]), name
+        else:
+            assert sel["chosen"] == "space-varying", name
     print(f"median ratio over the frames {np.median(ratios):.3f}")
-    # measured 1.002 (median of the six frames' ratios)
+    # measured 1.000 (median of the six frames' ratios): the field barely varies (FWHM +4-22%
+    # centre to edge, docs/realdata.md) and the errors sit at the noise floor
     assert np.median(ratios) > 0.99
 
 
