@@ -7,7 +7,7 @@ import xarray as xr
 
 from .model import psf_at
 
-__all__ = ["psf_grid", "plot_basis", "plot_image"]
+__all__ = ["psf_grid", "plot_basis", "plot_image", "plot_validation"]
 
 
 def _plt():
@@ -91,3 +91,51 @@ def plot_image(image, *, ax=None, title: str | None = None, percentile: float = 
     if title:
         ax.set_title(title)
     return ax
+
+
+def plot_validation(ds: xr.Dataset, *, fig=None):
+    """The held-out beads of a cross-validated operator (``learn_operator`` with validation):
+    a field map of each bead's error ratio (model / space-invariant reference; blue where the
+    model predicts the bead better) and the two error distributions.
+
+    Returns
+    -------
+    matplotlib Figure with two axes.
+
+    Raises
+    ------
+    InputError
+        ``ds`` carries no cross-validation (``cv_error``).
+    """
+    from .errors import InputError
+
+    if "cv_error" not in ds or "cv_error_invariant" not in ds:
+        raise InputError("plot_validation: the dataset has no cross-validation (cv_error); learn "
+                         "with validate=True")
+    plt = _plt()
+    if fig is None:
+        fig = plt.figure(figsize=(10, 4.2))
+    ax_map, ax_hist = fig.subplots(1, 2)
+    err = np.asarray(ds["cv_error"].values, dtype=np.float64)
+    ref = np.asarray(ds["cv_error_invariant"].values, dtype=np.float64)
+    ratio = np.log2(err / np.where(ref > 0, ref, np.nan))
+    lim = float(np.nanmax(np.abs(ratio))) if np.isfinite(ratio).any() else 1.0
+    sc = ax_map.scatter(ds["cv_bead_x"].values, ds["cv_bead_y"].values, c=ratio, cmap="coolwarm",
+                        vmin=-lim, vmax=lim, s=30, edgecolors="k", linewidths=0.3)
+    ny = ds.sizes.get("y")
+    nx = ds.sizes.get("x")
+    if ny and nx:
+        ax_map.set_xlim(-0.5, nx - 0.5)
+        ax_map.set_ylim(ny - 0.5, -0.5)
+    ax_map.set_aspect("equal")
+    ax_map.set_xlabel("x (px)")
+    ax_map.set_ylabel("y (px)")
+    ax_map.set_title("held-out error, log2(model / reference)")
+    fig.colorbar(sc, ax=ax_map, shrink=0.8)
+    bins = np.linspace(0, float(np.nanmax([err.max(), ref.max()])), 25)
+    ax_hist.hist(ref, bins=bins, alpha=0.6, label=f"space-invariant reference (median {np.median(ref):.3f})")
+    ax_hist.hist(err, bins=bins, alpha=0.6, label=f"model (median {np.median(err):.3f})")
+    ax_hist.set_xlabel("relative l2 error of the held-out bead")
+    ax_hist.set_ylabel("beads")
+    ax_hist.legend(fontsize=8)
+    return fig

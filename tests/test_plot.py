@@ -98,3 +98,22 @@ def test_plot_image_contrast_and_3d():
     ax3 = plot_image(stack, percentile=99)
     np.testing.assert_array_equal(np.asarray(ax3.get_images()[0].get_array()), 2 * data)
     assert ax3.get_title() == ""
+
+
+def test_plot_validation_maps_the_held_out_beads(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pcmx
+    from pcmx.errors import InputError
+    from pcmx.plot import plot_validation
+    from pcmx.simulate import simulate_beads
+
+    op = pcmx.learn_operator(simulate_beads((192, 192), 40, photons=30000.0, min_separation=20,
+                                            seed=1)["image"], validate=True, folds=3)
+    fig = plot_validation(op)
+    ax_map, ax_hist = fig.axes[:2]
+    assert len(ax_map.collections[0].get_offsets()) == op.sizes["cv_bead"]
+    assert len(ax_hist.patches) == 48  # two histograms of 24 bins
+    with pytest.raises(InputError, match=r"^plot_validation: the dataset has no cross-validation"):
+        plot_validation(op.drop_vars(["cv_error"]))

@@ -29,7 +29,15 @@ def add_arguments(parser) -> None:
                              "coefficients (default), non-negative PSFs, or none")
     parser.add_argument("--no-realism", dest="realism", action="store_const", const="none",
                         help="same as --realism none")
-    parser.add_argument("--validate", action="store_true", help="also cross-validate over held-out beads")
+    parser.add_argument("--validate", dest="validate", action="store_const", const=True, default="auto",
+                        help="cross-validate over held-out beads, and fail if there are too few "
+                             "(default: cross-validate when there are enough beads)")
+    parser.add_argument("--no-validate", dest="validate", action="store_const", const=False,
+                        help="do not cross-validate (and so keep the space-varying model unchecked)")
+    parser.add_argument("--select", choices=("auto", "space-varying"), default="auto",
+                        help="where cross-validation finds the space-invariant reference better: "
+                             "store it (auto, default) or keep the space-varying model; a warning "
+                             "says so either way")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
 
@@ -49,7 +57,7 @@ def run(args) -> int:
     ds = learn_operator(args.image, n_components=args.components, psf_radius=radius,
                         pixel_size=args.pixel_size, z_step=args.z_step, threshold=args.threshold,
                         background=args.background, eta=args.eta, realism=args.realism,
-                        validate=args.validate, folds=args.folds)
+                        validate=args.validate, folds=args.folds, select=args.select)
     save_store(ds, args.output, overwrite=args.overwrite)
     p = ds.attrs["pcmx_parameters"]
     c = p["counts"]
@@ -57,9 +65,13 @@ def run(args) -> int:
           f"{c['used']} beads used of {c['detected']} detected "
           f"({', '.join(f'{k[9:]} {v}' for k, v in c.items() if k.startswith('rejected_'))}), "
           f"{p['timings_s']['total']:.2f} s")
-    if args.validate:
+    if "cross_validation" in p:
         cv = p["cross_validation"]
         print(f"cross-validation ({cv['folds']} folds): median held-out error {cv['median_error']:.3f} "
               f"vs {cv['median_error_invariant']:.3f} for the space-invariant reference "
-              f"(flux-weighted mean PSF of the same training beads): {cv['improvement']:.2f}x")
+              f"(flux-weighted mean PSF of the same training beads): {cv['improvement']:.2f}x; "
+              f"brightest third {cv['median_error_bright']:.3f} vs "
+              f"{cv['median_error_invariant_bright']:.3f}")
+        sel = p.get("model_selection", {})
+        print(f"stored model: {sel.get('chosen', 'space-varying')}")
     return 0

@@ -251,6 +251,20 @@ def describe_store(ds: xr.Dataset, *, status: str = "valid") -> str:
         sha = rec.get("sha256") or "-"
         lines.append(f"input: {rec.get('name')} sha256={sha[:16]}")
     params = ds.attrs.get("pcmx_parameters")
+    if isinstance(params, dict) and isinstance(params.get("cross_validation"), dict):
+        cv = params["cross_validation"]
+        lines.append(f"cross-validation ({cv.get('folds')} folds, {cv.get('n_beads')} held-out beads): "
+                     f"median error {cv.get('median_error', float('nan')):.3f}, space-invariant "
+                     f"reference {cv.get('median_error_invariant', float('nan')):.3f} "
+                     f"({cv.get('improvement', float('nan')):.2f}x)")
+        sel = params.get("model_selection")
+        if isinstance(sel, dict):
+            lines.append(f"stored model: {sel.get('chosen')} (select={sel.get('select')!r})")
+    if "detection_status" in ds:
+        meanings = str(ds["detection_status"].attrs.get("flag_meanings", "")).split()
+        codes = np.asarray(ds["detection_status"].values)
+        counts = {m: int((codes == k).sum()) for k, m in enumerate(meanings) if (codes == k).any()}
+        lines.append("detections: " + ", ".join(f"{m} {n}" for m, n in counts.items()))
     if params:
         lines.append("parameters: " + json.dumps(jsonable(params), sort_keys=True))
     return "\n".join(lines)
