@@ -687,10 +687,13 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
         the sampled error is below ``tol`` (see :meth:`ThinPlateSpline.evaluate_grid`).
     tol : float, optional
         Bound on the sampled PSF-relative error ``||delta alpha|| / rms ||alpha||`` against the
-        exact per-pixel result (the exact spline; with ``generators``, the exact spline
-        projected pixel by pixel). Default 1e-3, and 3e-3 with ``generators``: bilinear
-        interpolation converges only at first order across the kinks of the projected maps,
-        and 3e-3 is still ~5x below the cone's own angular tolerance (1 degree ~ 1.7e-2).
+        exact per-pixel result (the exact spline; with ``generators`` or ``project``, the
+        exact spline projected pixel by pixel, plus the projection's largest move at the
+        nodes of the pixel's lattice cell: across the kinks of the projected maps bilinear
+        interpolation converges at first order only, and refining them drove half-erased
+        real planes to 2-4 px lattices, see :func:`pcmx.lattice.adaptive_upsample`).
+        Default 1e-3, and 3e-3 with a projection (bilinear interpolation; still ~5x below the
+        cone's own angular tolerance, 1 degree ~ 1.7e-2).
     generators : array (G, I), optional
         Cone generators (:func:`pcmx.cone.reduce_cone`). When given, the exact spline values
         on the lattice are projected onto cone(generators) (App. C-b) and upsampled
@@ -714,7 +717,8 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
         2304 x 2304). None: no rejection.
     return_spline : bool
         Also return the fitted :class:`ThinPlateSpline` (eta, GCV score, weights) and the
-        lattice info ``{"step", "max_error"}``.
+        lattice info (:func:`pcmx.lattice.adaptive_upsample`: ``"step"``, ``"max_error"``,
+        ``"max_excess"``, ``"n_nodes"``, ``"n_projected"``, ...) and ``"rejected"``.
     bead_weights : array (M,), optional
         Per-bead factors on ``weights`` (:func:`fit_tps`); the beads left out as outliers
         leave with theirs.

@@ -14,6 +14,9 @@ return_info=False)``
     to the nearest coefficients of non-negative PSFs.
 ``nonnegative_generators(generators, psf_basis, *, floor=0.01) -> (G, I)``
     That correction alone.
+``project_nonnegative(vectors, psf_basis, *, floor=0.01, block=None) -> (N, I)``
+    The same correction for many vectors (realism by non-negativity): batched least-distance
+    programs, warm-started along the rows.
 ``project_onto_cone(X, generators, *, method="auto", tol=1e-10, max_iter=None,
 return_coefficients=False) -> (N, I)``
     Euclidean projection of every row onto cone(generators), vectorised over rows.
@@ -588,9 +591,9 @@ def nonnegative_generators(generators, psf_basis, *, floor: float = 0.01) -> np.
     ``u = nnls([A^T; d^T], e_{I+1})``, ``r = [A^T; d^T] u - e_{I+1}``, ``x = -r[:I] / r[I]``.
     The NNLS is solved for all violating rows at once by a batched active-set iteration
     (one ``(rows, I) x (I, K)`` product per sweep; rows in lattice order warm-started from a
-    neighbour's active pixels): 0.6 ms per row with one ``scipy.optimize.nnls`` call each
-    (K = 2025 pixels, I = 10), ~0.05 ms batched (``docs/performance.md``), the same result to
-    rounding.
+    neighbour's active pixels): 0.5 ms per row with one ``scipy.optimize.nnls`` call each,
+    0.03-0.05 ms batched (K = 2025 pixels, I = 10, real planes: ``docs/performance.md``), the
+    same result to rounding (~1e-10 relative).
     """
     g = _as_rows(generators, "generators").astype(np.float64)
     h = np.asarray(psf_basis, dtype=np.float64)

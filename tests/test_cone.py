@@ -315,3 +315,47 @@ def test_project_nonnegative_moves_only_violators_to_the_bound():
     assert np.all(np.linalg.norm(out[~ok] - v[~ok], axis=1) > 0)
     with pytest.raises(InputError, match=r"psf_basis: expected shape \(2, \.\.\.\) to match the vectors"):
         project_nonnegative(v, h[:1])
+
+
+def _ldp_per_row(v, h, floor):
+    """Reference: Lawson & Hanson's least-distance program, one scipy NNLS per row."""
+    out = v.copy()
+    target = np.r_[np.zeros(v.shape[1]), 1.0]
+    for k, c in enumerate(v):
+        psf = c @ h
+        bound = -floor * max(psf.max(), 0.0)
+        if psf.min() >= bound:
+            continue
+        e = np.vstack([h, bound - psf])
+        r = e @ nnls(e, target, maxiter=50 * h.shape[1])[0] - target
+        out[k] = c - r[:-1] / r[-1]
+    return out
+
+
+def test_project_nonnegative_batched_equals_one_nnls_per_row():
+    """Every violating row of a lattice at once (batched active set, warm-started from the
+    neighbouring rows, in several blocks) gives the per-row NNLS result to rounding; the
+    per-row solver took 0.6 ms a row on a real 45 x 45 basis (53 s of a family's maps)."""
+    rng = np.random.default_rng(13)
+    yy, xx = np.mgrid[-10:11, -10:11]
+    shapes = [np.exp(-((yy - dy) ** 2 + (xx - dx) ** 2) / (2 * s**2))
+              for dy, dx, s in [(0, 0, 1.5), (1, -2, 2.0), (-2, 1, 2.5), (0, 3, 1.2), (3, 0, 3.5), (0, 0, 5.0)]]
+    h = np.linalg.svd(np.stack([s.ravel() for s in shapes]), full_matrices=False)[2]  # (6, 441), signed
+    ly, lx = np.mgrid[0:100, 0:80] / 40.0
+    centre = np.stack([s.ravel() for s in shapes]).mean(axis=0) @ h.T
+    waves = np.stack([np.sin(2 * ly + i) * np.cos(3 * lx - i) for i in range(6)], axis=-1).reshape(-1, 6)
+    v = centre + 2.0 * waves + 0.01 * rng.standard_normal((8000, 6))  # lattice order
+    for floor in (0.01, 0.0):
+        out = project_nonnegative(v, h.reshape(6, 21, 21), floor=floor)
+        psf = v @ h
+        bound = -floor * np.maximum(psf.max(axis=1), 0.0)
+        bad = psf.min(axis=1) < bound
+        assert bad.sum() > 5000  # > one block of rows (4744 for 441 pixels): several blocks
+        np.testing.assert_array_equal(out[~bad], v[~bad])
+        slack = ((out @ h).min(axis=1) - bound) / np.linalg.norm(v, axis=1)
+        assert slack.min() >= -1e-11  # the floor, every row, to rounding (-5e-13 measured)
+        sub = np.flatnonzero(bad)[::20]
+        ref = _ldp_per_row(v[sub], h, floor)
+        # normal equations of nearly parallel pixel constraints: 2.6e-10 of the largest entry
+        np.testing.assert_allclose(out[sub], ref, rtol=0, atol=1e-8 * np.abs(ref).max())
+        np.testing.assert_allclose(nonnegative_generators(v[sub], h, floor=floor), out[sub], rtol=0, atol=1e-12)
