@@ -46,13 +46,17 @@ from .errors import InputError, PcmxError
 from .execution import spectrum_cache, thread_pool
 from .options import get_options
 
-__all__ = ["ProductConvolution", "blur", "clear_cache"]
+__all__ = ["NAN_POLICIES", "ProductConvolution", "blur", "clear_cache", "checked_finite"]
 
 _SPATIAL = ("z", "y", "x")
 _KERNEL = ("kz", "ky", "kx")
 BOUNDARIES = ("zero", "reflect", "periodic")
 # how the image and the maps are extended beyond the field, as numpy.pad modes
 _PAD_MODE = {"reflect": "symmetric", "periodic": "wrap"}
+#: What :meth:`ProductConvolution.apply` does with NaN or infinite pixels (its ``nan``).
+NAN_POLICIES = ("raise", "mask")
+_NAN_HINT = ("; refused, since the FFTs would spread them over the output: pass nan='mask' "
+             "(pcmx apply --nan mask) to treat them as missing data")
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +218,67 @@ def _check_boundary(boundary: str) -> str:
     if boundary not in BOUNDARIES:
         raise InputError(f"boundary={boundary!r}: expected one of {BOUNDARIES}")
     return boundary
+
+
+def _nonfinite_message(bad, label: str, dims, offset=None, where: str = "") -> str:
+    """``label: N NaN or infinite values (of M), the first at (y=.., x=..)`` for a bool mask."""
+    xp = _backend.xp(bad)
+    n = int(xp.count_nonzero(bad))
+    first = np.unravel_index(int(xp.argmax(bad.ravel())), bad.shape)
+    offset = offset or (0,) * bad.ndim
+    at = ", ".join(f"{d}={int(i) + o}" for d, i, o in zip(dims, first, offset, strict=True))
+    plural = "value" if n == 1 else "values"
+    return f"{label}: {n} NaN or infinite {plural} (of {bad.size}{where}), the first at ({at})"
+
+
+def _check_block(block, *, label, dims, hint, block_info=None):
+    """One Dask chunk, returned as it is if finite (the lazy check of :func:`checked_finite`)."""
+    xp = _backend.xp(block)
+    bad = ~xp.isfinite(block)
+    if bool(bad.any()):
+        loc = block_info[0]["array-location"] if block_info else [(0, n) for n in block.shape]
+        span = ", ".join(f"{d}={a}:{b}" for d, (a, b) in zip(dims, loc, strict=True))
+        raise InputError(_nonfinite_message(bad, label, dims, [a for a, _ in loc],
+                                            f" in the chunk {span}") + hint)
+    return block
+
+
+def checked_finite(data, label: str, dims: Sequence[str], *, hint: str = ""):
+    """``data`` itself if it holds no NaN or infinite value, else an :class:`InputError`.
+
+    Parameters
+    ----------
+    data : ndarray, cupy.ndarray or dask.array.Array
+        An image (integer and boolean types are returned at once).
+    label : str
+        What the message names (an argument or a file).
+    dims : sequence of str
+        The names of ``data``'s axes, for the position in the message.
+    hint : str
+        Appended to the message (what to do instead).
+
+    Returns
+    -------
+    Same kind as ``data``
+        In memory: ``data``, read once. Dask: a lazy array whose chunks are checked as they
+        are computed, in the same pass as the work that reads them (the whole array is not
+        computed twice); the error is then raised by ``compute()``, naming the chunk.
+
+    Raises
+    ------
+    InputError
+        ``label: N NaN or infinite values (of M), the first at (y=.., x=..)`` and ``hint``.
+    """
+    if np.dtype(data.dtype).kind != "f":
+        return data
+    if _backend.is_dask(data):
+        return data.map_blocks(_check_block, dtype=data.dtype, meta=data._meta,
+                               label=label, dims=tuple(dims), hint=hint)
+    xp = _backend.xp(data)
+    bad = ~xp.isfinite(data)
+    if bool(bad.any()):
+        raise InputError(_nonfinite_message(bad, label, dims) + hint)
+    return data
 
 
 # --------------------------------------------------------------------------------------------
