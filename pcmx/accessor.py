@@ -33,9 +33,16 @@ class PcmxDatasetAccessor:
         """Validate against the schema of its kind (raises SchemaError); returns the Dataset."""
         return _mod("schema").validate(self._ds)
 
-    def psf_at(self, *, state=None, index: bool = False, **position) -> xr.DataArray:
-        """The PSF at ``y=..., x=...`` (coordinate values; ``index=True`` for pixel indices)."""
-        return _mod("model").psf_at(self._ds, state=state, index=index, **position)
+    def psf_at(self, *, state=None, index: bool = False, extrapolate: bool = False,
+               **position) -> xr.DataArray:
+        """The PSF at ``y=..., x=...`` (:func:`pcmx.model.psf_at`).
+
+        Positions are numbers in the store's units (micrometers), pint Quantities or strings
+        (``"27um"``, ``"120 px"``); ``index=True`` for pixel indices. Outside the field:
+        an :class:`~pcmx.errors.InputError` unless ``extrapolate=True`` (nearest edge).
+        """
+        return _mod("model").psf_at(self._ds, state=state, index=index,
+                                    extrapolate=extrapolate, **position)
 
     def coefficients(self, state=None, *, gamma=None) -> xr.DataArray:
         """Coefficient maps: the operator's own, or a family state's (or any gamma)."""

@@ -200,11 +200,11 @@ def cross_validate(image, *, folds: int = 5, seed: int = 0, n_components: int | 
     return ds
 
 
-def _family_inputs(images) -> tuple[list, list[str]]:
+def _family_inputs(images) -> tuple[list, list]:
     """The K images of a family and their labels (as :func:`pcmx.family.learn_family` takes them)."""
     if isinstance(images, xr.DataArray) and "state" in images.dims:
-        labels = ([str(v) for v in images["state"].values] if "state" in images.coords
-                  else [f"state{k}" for k in range(images.sizes["state"])])
+        labels = ([v.item() if isinstance(v, np.generic) else v for v in images["state"].values] if "state" in images.coords
+                  else [f"state{k}" for k in range(images.sizes["state"])])  # ints stay ints
         return [images.isel(state=k) for k in range(images.sizes["state"])], labels
     if isinstance(images, (str, os.PathLike, np.ndarray)) or (
             isinstance(images, xr.DataArray) and images.ndim == 2):

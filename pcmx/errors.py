@@ -7,7 +7,8 @@ prints it as ``pcmx CMD: error: <message>`` and exits with status 2.
 
 from __future__ import annotations
 
-__all__ = ["PcmxError", "InputError", "SchemaError", "StoreError", "StoreExistsError"]
+__all__ = ["PcmxError", "InputError", "SchemaError", "StoreError", "StoreExistsError",
+           "StoreLockedError"]
 
 
 class PcmxError(ValueError):
@@ -28,3 +29,7 @@ class StoreError(PcmxError):
 
 class StoreExistsError(StoreError, FileExistsError):
     """Refusing to overwrite an existing store without ``overwrite=True``."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing the same store (the message names it: pid, host, since when)."""

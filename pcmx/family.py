@@ -14,8 +14,8 @@ Out of core, resumable, distributed
 Every per-image result is written, as soon as it is computed, to a *checkpoint directory*
 (a temporary one unless ``checkpoint=`` is given)::
 
-    DIR/manifest.json        fingerprint of the arguments and inputs (paths, sizes, mtimes;
-                             SHA-256 of in-memory arrays)
+    DIR/manifest.json        fingerprint of the arguments and inputs (paths and the SHA-256
+                             of each file's content, or of each in-memory array's pixels)
     DIR/beads/00003.zarr     image 3's bead patches, positions and counts
     DIR/beads/00003.bad.json image 3 failed (the cause), when it did
     DIR/basis.zarr           the shared PSF basis, observed coefficients and cone generators
@@ -29,7 +29,14 @@ saved 12 % of the space and Blosc-LZ4 with bit shuffling 33 %, for reads 8 % and
 Each entry is written to a hidden temporary sibling and renamed into place, so a run killed
 at any point (``kill -9``) leaves only complete entries; a rerun with the same arguments and
 inputs skips them (their recorded fingerprint must match the manifest's) and produces the
-same family: the PCA sees the same float32 patches in the same order.
+same family: the PCA sees the same float32 patches in the same order. Inputs are keyed by
+their content, not their size and modification time: an input replaced by another
+acquisition (even of the same size, its mtime kept) makes the run refuse the checkpoint,
+naming the image, unless ``overwrite_checkpoint``. Each file is hashed once per run, before
+any other work, and the same digest is recorded in the result's provenance.
+
+The same acquisition given twice (one path twice, or two files or arrays of identical
+content) is refused, naming both: it would give two states of one condition.
 
 The per-image steps (bead patches, then maps) run as independent tasks: on a
 ``dask.distributed`` cluster when a :class:`distributed.Client` is active (the checkpoint
@@ -106,7 +113,7 @@ from .io.checkpoint import (
 )
 from .io.readers import PcmxWarning, as_image, read_image
 from .patches import bead_patches, pooled_radius, radius_profiles, radius_sample
-from .provenance import jsonable, provenance
+from .provenance import jsonable, provenance, sha256_file
 from .psf_basis import fit_psf_basis
 from .units import kernel_coords
 from .units import pixel_size as axis_step
@@ -121,9 +128,10 @@ GRAM_MAX_ROWS = 500
 MIN_BEADS = 4
 #: Memory budget (bytes, float32) of one spatial block of all K*I maps in the SVD.
 _BLOCK_BYTES = 128 * 2**20
-_CHECKPOINT_VERSION = 5  # 3: realism by non-negativity, spline outlier rejection, pooled r;
+_CHECKPOINT_VERSION = 6  # 3: realism by non-negativity, spline outlier rejection, pooled r;
 # 4: the realism policy object (pcmx.fit.Realism) in the manifest; 5: shape tests of the beads
-# (only beads with a clean PSF are checkpointed), SNR weights in the PCA
+# (only beads with a clean PSF are checkpointed), SNR weights in the PCA; 6: inputs keyed by
+# the SHA-256 of their content (not size and mtime)
 
 
 #: Relative RMS truncation error of the maps that :func:`rank_by_energy` allows (J).
@@ -177,6 +185,9 @@ def choose_modes(singular_values, rule: str = "capped") -> int:
 # --------------------------------------------------------------------------- inputs
 
 def _labels(images) -> list[str]:
+    """One distinct label per image: the file name (with as many parent directories as tell
+    apart files of one name), the DataArray's ``source`` or ``state<k>``; a label still
+    shared gets its index appended (``"stack.tif [3]"``)."""
     out = []
     for k, im in enumerate(images):
         if isinstance(im, (str, os.PathLike)):
@@ -185,7 +196,77 @@ def _labels(images) -> list[str]:
             out.append(str(im.attrs["source"]))
         else:
             out.append(f"state{k}")
+    counts = Counter(out)
+    for lab in [lab for lab, n in counts.items() if n > 1]:
+        group = [k for k, v in enumerate(out) if v == lab]
+        paths = {k: os.path.abspath(os.fspath(images[k])).split(os.sep) for k in group
+                 if isinstance(images[k], (str, os.PathLike))}
+        for depth in range(2, max((len(p) for p in paths.values()), default=0) + 1):
+            longer = {k: "/".join(p[-depth:]) for k, p in paths.items()}
+            if len(set(longer.values())) == len(longer):
+                for k, v in longer.items():
+                    out[k] = v
+                break
+    counts = Counter(out)
+    return [f"{lab} [{k}]" if counts[lab] > 1 else lab for k, lab in enumerate(out)]
+
+
+def _array_digest(item) -> str:
+    """SHA-256 of an in-memory image's pixels (a Dask array is computed)."""
+    arr = np.ascontiguousarray(np.asarray(item.values if isinstance(item, xr.DataArray) else item))
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def _digests(images, keyed: bool) -> list[str | None]:
+    """The SHA-256 of each input, computed once per run: of a file's content (a directory's
+    files, for a Zarr image) or of an in-memory array's pixels. Missing files give None (the
+    checks report them); lazy (Dask) arrays are hashed only when ``keyed`` (a checkpoint
+    needs their content)."""
+    out = []
+    for item in images:
+        if isinstance(item, (str, os.PathLike)):
+            p = os.fspath(item)
+            try:
+                out.append(sha256_file(p) if os.path.exists(p) else None)
+            except OSError:
+                out.append(None)  # unreadable: the checks name it
+        elif _is_lazy(item) and not keyed:
+            out.append(None)
+        else:
+            out.append(_array_digest(item))
     return out
+
+
+def _is_lazy(item) -> bool:
+    data = item.data if isinstance(item, xr.DataArray) else item
+    return hasattr(data, "dask")
+
+
+def _refuse_duplicates(images, digests) -> None:
+    """The same acquisition twice (one path twice, identical content, one Dask graph) -> error
+    naming both."""
+    def named(k):
+        item = images[k]
+        return f"images[{k}] {os.fspath(item)!r}" if isinstance(item, (str, os.PathLike)) else f"images[{k}]"
+
+    seen: dict = {}
+    for k, item in enumerate(images):
+        keys = []
+        if isinstance(item, (str, os.PathLike)):
+            keys.append(("path", os.path.realpath(os.fspath(item))))
+        elif _is_lazy(item):
+            keys.append(("dask", (item.data if isinstance(item, xr.DataArray) else item).name))
+        if digests[k] is not None:
+            keys.append(("content", isinstance(item, (str, os.PathLike)), digests[k]))
+        for key in keys:
+            if key in seen:
+                j = seen[key]
+                what = ("are the same file" if key[0] == "path" else
+                        "are the same Dask array" if key[0] == "dask" else
+                        f"have the same content (SHA-256 {digests[k][:12]}...)")
+                raise InputError(f"{named(j)} and {named(k)} {what}: each acquisition may be "
+                                 "given once (two states of one condition would skew the family)")
+            seen[key] = k
 
 
 def _probe(item, label: str, pixel_size) -> tuple[xr.DataArray | None, str | None]:
@@ -217,28 +298,17 @@ def _probe(item, label: str, pixel_size) -> tuple[xr.DataArray | None, str | Non
     return img, None
 
 
-def _input_record(item, label: str) -> dict:
+def _input_record(item, label: str, digest: str | None) -> dict:
+    """An input as the checkpoint manifest keys it: by the SHA-256 of its content
+    (:func:`_digests`), so a file replaced by another of the same size and mtime differs."""
     if isinstance(item, (str, os.PathLike)):
-        p = os.path.abspath(os.fspath(item))
-        rec = {"name": label, "path": p}
-        try:
-            st = os.stat(p)
-            if os.path.isdir(p):  # a Zarr store: its files' sizes and newest mtime
-                sizes, mt = 0, st.st_mtime_ns
-                for root, _, files in os.walk(p):
-                    for f in files:
-                        s = os.stat(os.path.join(root, f))
-                        sizes += s.st_size
-                        mt = max(mt, s.st_mtime_ns)
-                rec.update(size=sizes, mtime_ns=mt)
-            else:
-                rec.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-        except OSError:
+        rec = {"name": label, "path": os.path.abspath(os.fspath(item)), "sha256": digest}
+        if digest is None:
             rec["missing"] = True
         return rec
-    arr = np.ascontiguousarray(np.asarray(item.values if isinstance(item, xr.DataArray) else item))
-    h = hashlib.sha256(arr.tobytes())
-    return {"name": label, "shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": h.hexdigest()}
+    data = item.data if isinstance(item, xr.DataArray) else item
+    return {"name": label, "shape": [int(n) for n in data.shape], "dtype": str(data.dtype),
+            "sha256": digest}
 
 
 # --------------------------------------------------------------------------- per-image tasks
@@ -570,15 +640,23 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
             raise InputError(f"{name}={v!r} must be a positive integer")
     if isinstance(images, xr.DataArray) and "state" in images.dims:
         labels = [str(v) for v in images["state"].values] if "state" in images.coords else None
+        state_values = list(images["state"].values) if "state" in images.coords else None
+        repeated = sorted(lab for lab, n in Counter(labels or []).items() if n > 1)
+        if repeated:
+            raise InputError(f"images: state labels must be distinct; {repeated[0]!r} labels "
+                             f"{Counter(labels)[repeated[0]]} states")
         images = [images.isel(state=k) for k in range(images.sizes["state"])]
     elif isinstance(images, (str, os.PathLike)):
         raise InputError(f"images={os.fspath(images)!r}: expected a sequence of images (a list of "
                          "paths), or a DataArray with a 'state' dimension")
     else:
         images = list(images)
-        labels = None
+        labels = state_values = None
     if len(images) < 2:
         raise InputError(f"a family needs at least 2 images, got {len(images)}")
+    # each input hashed once: duplicates, the checkpoint's keys and the provenance
+    digests = _digests(images, keyed=checkpoint is not None)
+    _refuse_duplicates(images, digests)
     labels = labels or _labels(images)
     client = active_client(client)
     workers = task_workers(workers)
@@ -621,7 +699,7 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         ckpt = os.path.abspath(os.fspath(checkpoint))
         if os.path.exists(ckpt) and not os.path.isdir(ckpt):
             raise InputError(f"checkpoint {ckpt}: exists and is not a directory")
-        inputs = [_input_record(item, lab) for item, lab in zip(images, labels, strict=True)]
+        inputs = [_input_record(item, lab, d) for item, lab, d in zip(images, labels, digests, strict=True)]
     fingerprint = hashlib.sha256(json.dumps(jsonable({"arguments": arguments, "inputs": inputs}),
                                             sort_keys=True).encode()).hexdigest()
     manifest = {"pcmx_checkpoint": _CHECKPOINT_VERSION, "fingerprint": fingerprint,
@@ -632,17 +710,26 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
                 os.makedirs(os.path.join(ckpt, step))
         else:
             prepare_checkpoint(ckpt, manifest, overwrite_checkpoint)
-        return _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all,
+        return _state_labels(state_values, _pipeline(
+                         images, labels, digests, probed, bad, ckpt, fingerprint, t, t_all,
                          n_components=n_components, n_modes=n_modes, mode_rule=mode_rule,
                          psf_radius=psf_radius,
                          pixel_size=pixel_size, background=background, realism=policy,
                          chunk=chunk, skip_bad=skip_bad, svd=svd,
                          power_iterations=power_iterations, oversamples=oversamples, seed=seed,
                          progress=progress, client=client, workers=workers,
-                         coords=(ycoord, xcoord, py, px), ref_shape=ref_shape)
+                         coords=(ycoord, xcoord, py, px), ref_shape=ref_shape))
     finally:
         if own:
             shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _state_labels(values, ds: xr.Dataset) -> xr.Dataset:
+    """The ``state`` coordinate with the input's own labels (ints stay ints), not their str."""
+    if values is None:
+        return ds
+    own = {str(v): v for v in values}
+    return ds.assign_coords(state=np.asarray([own[str(v)] for v in ds["state"].values]))
 
 
 def _handle_bad(bad: dict, labels, skip_bad: bool, total: int, what: str, usable: int | None = None):
@@ -661,7 +748,7 @@ def _handle_bad(bad: dict, labels, skip_bad: bool, total: int, what: str, usable
                          "needs at least 2")
 
 
-def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_components,
+def _pipeline(images, labels, digests, probed, bad, ckpt, fingerprint, t, t_all, *, n_components,
               n_modes, mode_rule, psf_radius, pixel_size, background, realism, chunk, skip_bad, svd,
               power_iterations, oversamples, seed, progress, client, workers, coords, ref_shape):
     import dask.array as da
@@ -814,7 +901,8 @@ def _pipeline(images, labels, probed, bad, ckpt, fingerprint, t, t_all, *, n_com
               "timings_s": {k: round(v, 4) for k, v in t.items()}}
     if route == "randomized":
         params.update(power_iterations=power_iterations, oversamples=oversamples, seed=seed)
-    inputs = [images[k] for k in good if isinstance(images[k], (str, os.PathLike))]
+    # the digests the run was keyed by (hashed once, before any work), not a second reading
+    inputs = [(labels[k], digests[k]) for k in good if isinstance(images[k], (str, os.PathLike))]
     ds.attrs = {"pcmx_type": "family", **provenance(params, inputs), "pcmx_skipped": skipped}
     return ds
 

@@ -428,7 +428,7 @@ class ProductConvolution:
         return cls(ds, **kwargs)
 
     # -- public API ---------------------------------------------------------------------------
-    def apply(self, u, *, chunks=None):
+    def apply(self, u, *, chunks=None, nan: str = "raise"):
         """``H u``: blur an image with the space-varying operator.
 
         Parameters
@@ -441,6 +441,18 @@ class ProductConvolution:
             their chunks. ``"auto"`` picks tiles (:meth:`auto_chunks`); other values are
             Dask chunk specifications. A NumPy input given ``chunks`` is computed tile by
             tile with the current Dask scheduler and returned as NumPy.
+        nan : {"raise", "mask"}
+            What to do with NaN or infinite pixels, which the FFTs would spread over the
+            output (one NaN pixel of a 256 x 256 image made half the output NaN).
+            ``"raise"`` (default): refuse them with an :class:`~pcmx.errors.InputError`
+            naming the image, their number and the first one's position. ``"mask"``: treat
+            them as missing data: they are replaced by zeros, so they add no light, and the
+            output is NaN exactly where a missing pixel would have contributed, within the
+            union of the kernels' supports around it (for the adjoint: the flipped
+            supports); everywhere else the result is that of the zero-filled image. The mask
+            costs one more single-kernel application (:meth:`missing_mask`).
+            Dask inputs are checked chunk by chunk as the result is computed (the input is
+            read once): with ``"raise"`` the error comes from ``compute()``, naming the chunk.
 
         Returns
         -------
@@ -451,26 +463,82 @@ class ProductConvolution:
         Raises
         ------
         PcmxError
-            If ``u`` does not have the operator's shape, dims or pixel size.
+            If ``u`` does not have the operator's shape, dims or pixel size, holds NaN or
+            infinite values (``nan="raise"``: the message names ``u``, and the DataArray's
+            ``source`` file), or ``nan`` is not one of :data:`NAN_POLICIES`.
         """
-        return self._run(u, chunks, adjoint=False)
+        return self._run(u, chunks, adjoint=False, nan=nan)
 
-    def adjoint(self, v, *, chunks=None):
+    def adjoint(self, v, *, chunks=None, nan: str = "raise"):
         """``H^T v = sum_i alpha_i . (h_i^flip * v)``, the exact transpose of :meth:`apply`.
 
         Takes the same arguments and returns the same kinds as :meth:`apply`.
         """
-        return self._run(v, chunks, adjoint=True)
+        return self._run(v, chunks, adjoint=True, nan=nan)
+
+    def missing_mask(self, missing, *, adjoint: bool = False):
+        """Where missing input pixels reach the output: the pixels ``nan="mask"`` sets to NaN.
+
+        Parameters
+        ----------
+        missing : bool array (NumPy, CuPy or Dask), shape ``self.shape``
+            True at the missing pixels.
+        adjoint : bool
+            For :meth:`adjoint` (the supports flipped) instead of :meth:`apply`.
+
+        Returns
+        -------
+        bool array, same kind as ``missing``
+            True where an output pixel of ``apply`` (``adjoint``) sees a missing pixel through
+            the union of the kernels' supports, under the operator's boundary (mirrored or
+            wrapped around the edges as the image is).
+        """
+        engine = self._footprint()
+        rdtype = np.dtype(np.float32)
+        m = missing.astype(rdtype)
+        if _backend.is_dask(m):
+            hits = engine._tiled(m, rdtype, adjoint)
+        else:
+            hits = engine._in_memory(m, rdtype, adjoint)
+        return hits > 0.5  # counts of missing pixels in reach; FFT rounding is ~1e-6
+
+    def _footprint(self) -> ProductConvolution:
+        """One kernel: 1 on the union of the kernels' supports, maps of ones (cached)."""
+        def build():
+            support = np.any(self._h != 0, axis=0).astype(np.float32)[None]
+            ones = np.ones((1, *self.shape), np.float32)
+            ds = xr.Dataset({"psf_basis": (("component", *_KERNEL[3 - self.ndim:]), support),
+                             "coefficients": (("component", *self.dims), ones)},
+                            attrs={"pcmx_type": "operator"})
+            return ProductConvolution(ds, boundary=self.boundary, workers=self.workers,
+                                      check_finite=False)
+
+        return self._cached(("footprint",), build)
 
     __call__ = apply
 
-    def psf_at(self, *position: int) -> np.ndarray:
-        """The PSF at a pixel: ``sum_i coefficients[i, position] * psf_basis[i]``.
+    def psf_at(self, *position: int, index: bool = False, extrapolate: bool = False,
+               **coords) -> np.ndarray:
+        """The PSF at a position: ``sum_i coefficients[i, p] * psf_basis[i]`` (nearest pixel).
+
+        Positions follow pcmx's one convention (:func:`pcmx.units.to_pixels`, as
+        :func:`pcmx.model.psf_at` and :func:`pcmx.simulate.true_psf`): ``y=``, ``x=``
+        (``z=``) in the operator's coordinates (micrometers in a calibrated store; pixels
+        where it has none), pint Quantities or strings (``"27um"``, ``"120 px"``), or pixel
+        indices with ``index=True``. The positional form ``psf_at(iy, ix)`` takes integer
+        pixel indices.
 
         Parameters
         ----------
         *position : int
             Pixel indices ``(y, x)`` (``(z, y, x)`` in 3D).
+        index : bool
+            Bare numbers given by keyword are pixel indices (rounded to the nearest).
+        extrapolate : bool
+            A position outside the field gives the PSF of the nearest edge pixel instead of
+            an error.
+        **coords
+            ``y=..., x=...`` (and ``z=...``).
 
         Returns
         -------
@@ -481,16 +549,33 @@ class ProductConvolution:
         Raises
         ------
         PcmxError
-            If the number of indices is wrong or a position is outside the grid.
+            If positions are missing, given both ways, or outside the grid (the message gives
+            the field's extent).
         """
+        if position and coords:
+            raise InputError("psf_at: give pixel indices (iy, ix) or y=, x=, not both")
+        if coords:
+            unknown = sorted(set(coords) - set(self.dims))
+            missing = [d for d in self.dims if d not in coords]
+            if unknown or missing:
+                raise InputError(f"psf_at: needs {list(self.dims)}, got {sorted(coords)}")
+            from .units import to_pixels
+
+            grid = self.dataset["coefficients"]
+            pixels = to_pixels(grid, index=index, extrapolate=extrapolate, **coords)
+            for d, p in pixels.items():
+                if np.ndim(p):
+                    raise InputError(f"psf_at: {d} takes one position, got shape {np.shape(p)}")
+            position = tuple(int(min(max(np.floor(float(pixels[d]) + 0.5), 0), n - 1))
+                             for d, n in zip(self.dims, self.shape, strict=True))
         if len(position) != self.ndim:
             raise InputError(f"psf_at: needs {self.ndim} indices {self.dims}, got {len(position)}")
-        index = []
+        pixel = []
         for dim, p, n in zip(self.dims, position, self.shape, strict=True):
             if not float(p).is_integer() or not 0 <= int(p) < n:
                 raise InputError(f"psf_at: {dim}={p!r} is not a pixel index in [0, {n})")
-            index.append(int(p))
-        coeff = _backend.asnumpy(self._alpha_src[(slice(None), *index)])
+            pixel.append(int(p))
+        coeff = _backend.asnumpy(self._alpha_src[(slice(None), *pixel)])
         coeff = np.asarray(coeff, dtype=np.float64)
         return np.tensordot(coeff, self._h.astype(np.float64), axes=1).astype(self.dtype)
 
@@ -510,6 +595,27 @@ class ProductConvolution:
             return self.adjoint(np.asarray(y).reshape(self.shape)).ravel()
 
         return LinearOperator((size, size), matvec=matvec, rmatvec=rmatvec, dtype=self.dtype)
+
+    def as_pylops(self):
+        """This operator as a ``pylops.LinearOperator`` keeping the image's shape.
+
+        ``dims = dimsd = self.shape`` (no flattening by hand); see :func:`pcmx.interop.as_pylops`.
+        Needs pylops (``pip install pylops``).
+        """
+        from .interop import as_pylops
+
+        return as_pylops(self)
+
+    def to_deepinv(self, **kwargs):
+        """This operator as a ``deepinv.physics.SpaceVaryingBlur`` with the same output.
+
+        ``boundary="zero"`` maps to deepinv's ``padding="constant"``, ``"periodic"`` to
+        ``"circular"``; keyword arguments (``padding``, ``use_fft``, ``device``, ``dtype``) as
+        :func:`pcmx.interop.to_deepinv`. Needs deepinv (``pip install deepinv``).
+        """
+        from .interop import to_deepinv
+
+        return to_deepinv(self, **kwargs)
 
     def norm_estimate(self, *, n_iter: int = 100, rtol: float = 1e-4, seed: int = 0) -> float:
         """``||H||_2`` by power iteration on ``H^T H`` (for step sizes in deblurring).
@@ -620,11 +726,14 @@ class ProductConvolution:
                 str(self.dtype), self.shape)
 
     # -- dispatch -----------------------------------------------------------------------------
-    def _run(self, u, chunks, adjoint: bool):
+    def _run(self, u, chunks, adjoint: bool, nan: str = "raise", label: str | None = None):
         name = "v" if adjoint else "u"
+        if nan not in NAN_POLICIES:
+            raise InputError(f"nan={nan!r}: expected one of {', '.join(map(repr, NAN_POLICIES))}")
         if isinstance(u, xr.DataArray):
             self._check_dataarray(u, name)
-            out = self._run(u.data, chunks, adjoint)
+            source = u.attrs.get("source")
+            out = self._run(u.data, chunks, adjoint, nan, f"{name} ({source})" if source else name)
             return xr.DataArray(out, dims=u.dims, coords=u.coords, attrs=u.attrs, name=u.name)
         if not hasattr(u, "shape") or not hasattr(u, "dtype"):
             u = np.asarray(u)
@@ -633,6 +742,30 @@ class ProductConvolution:
             raise InputError(f"{name}: shape {tuple(u.shape)} does not match the operator's grid ({grid})")
         if u.dtype.kind not in "fiub":
             raise InputError(f"{name}: dtype {u.dtype} is not real")
+        if u.dtype.kind == "f":
+            if nan == "mask":
+                return self._run_masked(u, chunks, adjoint)
+            u = checked_finite(u, label or name, self.dims, hint=_NAN_HINT)
+        return self._compute(u, chunks, adjoint)
+
+    def _run_masked(self, u, chunks, adjoint: bool):
+        """``nan="mask"``: the zero-filled input, NaN where its missing pixels reach."""
+        if _backend.is_dask(u):
+            import dask.array as da
+
+            missing = ~da.isfinite(u)
+            out = self._compute(da.where(missing, 0, u), chunks, adjoint)
+            reach = self.missing_mask(missing.rechunk(out.chunks), adjoint=adjoint)
+            return da.where(reach, np.nan, out)
+        xp = _backend.xp(u)
+        missing = ~xp.isfinite(u)
+        if not bool(missing.any()):
+            return self._compute(u, chunks, adjoint)
+        out = self._compute(xp.where(missing, 0, u), chunks, adjoint)
+        out[self.missing_mask(missing, adjoint=adjoint)] = np.nan
+        return out
+
+    def _compute(self, u, chunks, adjoint: bool):
         rdtype = self._working_dtype(u.dtype)
         if _backend.is_dask(u):
             if chunks is not None:
@@ -1068,8 +1201,9 @@ def blur(image, operator, **kwargs):
     operator : ProductConvolution, Dataset or str
         An engine (reused with its caches), an operator Dataset or a store path.
     **kwargs
-        ``boundary``, ``dtype``, ``workers`` (for a new engine) and ``chunks`` (for
-        :meth:`ProductConvolution.apply`).
+        ``boundary``, ``dtype``, ``workers`` (for a new engine), ``chunks`` and ``nan``
+        (for :meth:`ProductConvolution.apply`: NaN or infinite pixels are refused unless
+        ``nan="mask"``).
 
     Returns
     -------
@@ -1077,8 +1211,9 @@ def blur(image, operator, **kwargs):
         The blurred image.
     """
     chunks = kwargs.pop("chunks", None)
+    nan = kwargs.pop("nan", "raise")
     if not isinstance(operator, ProductConvolution):
         operator = ProductConvolution(operator, **kwargs)
     elif kwargs:
         raise InputError(f"blur: {sorted(kwargs)} cannot change an existing ProductConvolution")
-    return operator.apply(image, chunks=chunks)
+    return operator.apply(image, chunks=chunks, nan=nan)

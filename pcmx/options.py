@@ -79,6 +79,7 @@ _SPEC: dict[str, tuple[Callable, Callable[[], object]]] = {
     "blas_threads": (lambda v: _count("blas_threads", v, 1), lambda: None),
     "spectrum_cache_mb": (lambda v: _count("spectrum_cache_mb", v, 0), _default_cache_mb),
     "progress": (lambda v: _flag("progress", v), lambda: False),
+    "any_pixel_size": (lambda v: _flag("any_pixel_size", v), lambda: False),
 }
 
 _SET: dict[str, object] = {}  # values set by the user; the others are defaults
@@ -102,7 +103,7 @@ def get_options() -> dict:
     -------
     dict
         ``{"threads": int, "blas_threads": int or None, "spectrum_cache_mb": int,
-        "progress": bool}``, defaults resolved.
+        "progress": bool, "any_pixel_size": bool}``, defaults resolved.
 
     Raises
     ------
@@ -167,6 +168,10 @@ class set_options:  # noqa: N801  (a function to its users, as xarray.set_option
         smaller bound evicts at once. None: 2048, or ``PCMX_SPECTRUM_CACHE_MB``.
     progress : bool, optional
         Progress bars where a function's ``progress`` argument is left None.
+    any_pixel_size : bool, optional
+        Accept pixel sizes outside the range of optical microscopy (1 nm to 100 um) wherever
+        one is parsed (other optics, e.g. a telescope's image-plane pixels; the command
+        line's ``--any-pixel-size``). False by default.
 
     Raises
     ------

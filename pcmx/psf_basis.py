@@ -43,6 +43,7 @@ Outlier rejection (App. A-f)
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 import xarray as xr
@@ -50,6 +51,7 @@ import xarray as xr
 from .beads import KERNEL_DIMS, R_EXT_FACTOR, bump_multiplier
 from .errors import InputError
 from .execution import blas_limit
+from .io.readers import PcmxWarning
 
 __all__ = ["fit_psf_basis", "optimal_rank", "hard_threshold", "normalise_patches",
            "outlier_scores", "noise_threshold", "bead_snr", "snr_weights", "HARD_THRESHOLD",
@@ -516,7 +518,9 @@ def fit_psf_basis(patches, n_components: int | None = None, *, outlier_sigma: fl
         field trend of the outlier test.
     n_components : int, optional
         I. When None, the optimal hard threshold (module docstring, II-E-c) on the kept
-        patches. A given I is clipped to the number of kept patches.
+        patches. A given I beyond what the data supports (the number of kept patches, or of
+        pixels within the bump's support) is reduced to it with a
+        :class:`~pcmx.io.readers.PcmxWarning` saying to what and why.
     outlier_sigma : float
         Threshold of the outlier test (App. A-f), standard deviations; ``inf`` disables it.
     r, r_ext : float or sequence, optional
@@ -642,7 +646,8 @@ def _fit_psf_basis(patches, n_components, *, outlier_sigma, r, r_ext, seed, outl
         row_w[rows] = snr_weights(snr[rows], snr_ref)
 
     def svd(rows):
-        return _svd(np.sqrt(row_w[rows])[:, None] * x[rows], n_components, seed)
+        n = None if n_components is None else min(int(n_components), len(rows), x.shape[1])
+        return _svd(np.sqrt(row_w[rows])[:, None] * x[rows], n, seed)
 
     def rank(s, vt, rows):
         if rank_rule == "paper":
@@ -696,6 +701,13 @@ def _fit_psf_basis(patches, n_components, *, outlier_sigma, r, r_ext, seed, outl
                 "paper": "2.858 median"}[rank_rule]
     else:
         n_i, rule = min(int(n_components), n_kept, vt.shape[0]), "given"
+        if n_i < n_components:
+            why = (f"the PCA of {n_kept} kept patches has at most {n_kept} components"
+                   if n_kept <= x.shape[1] else
+                   f"patches of {x.shape[1]} pixels within the PSF support (r_ext) have at most "
+                   f"{x.shape[1]} components")
+            warnings.warn(f"n_components={n_components} reduced to {n_i}: {why}", PcmxWarning,
+                          stacklevel=3)
     h = np.zeros((n_i, support.size))
     h[:, cols] = vt[:n_i]
     h *= np.where(h.sum(axis=1) < 0, -1.0, 1.0)[:, None]

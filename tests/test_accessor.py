@@ -44,6 +44,20 @@ def test_psf_at_delegates():
                                 model.psf_at(fam, state="wet", y=3, x=4, index=True))
 
 
+def test_psf_at_checks_positions_and_units():
+    # issue 14: outside the field is an error unless extrapolate=True; units are converted
+    op = make_operator()  # 32 x 40 pixels of 65 nm
+    with pytest.raises(pcmx.InputError, match="outside the field: y spans 0 to 2.015 micrometer"):
+        op.pcmx.psf_at(y=270.0, x=1.0)
+    xr.testing.assert_identical(op.pcmx.psf_at(y=270.0, x=1.0, extrapolate=True),
+                                model.psf_at(op, y=31, x=1.0, extrapolate=True))
+    xr.testing.assert_identical(op.pcmx.psf_at(y="650 nm", x=1.0), op.pcmx.psf_at(y=0.65, x=1.0))
+    np.testing.assert_array_equal(op.pint.quantify().pcmx.psf_at(y=0.65, x=1.0).values,
+                                  op.pcmx.psf_at(y=0.65, x=1.0).values)
+    with pytest.raises(pcmx.InputError, match="known states: 'dry', 'wet', 'oil'"):
+        make_family().pcmx.psf_at(state="nope", y=0.1, x=0.1)
+
+
 def test_coefficients_and_operator_delegate():
     op, fam = make_operator(), make_family()
     xr.testing.assert_identical(op.pcmx.coefficients(), op["coefficients"])

@@ -1,18 +1,29 @@
 import json
 import os
+import re
+import socket
+import time
 
 import numpy as np
 import pytest
 
+from pcmx.errors import StoreLockedError
+from pcmx.io import atomic
 from pcmx.io.atomic import (
     OLD_MARKER,
     TEMP_MARKER,
     atomic_dir,
     atomic_file,
     atomic_json,
+    clean_leftovers,
+    exchange,
     is_temporary,
+    leftovers,
+    lock_path,
+    recover_missing,
     remove_temporaries,
     temporary_sibling,
+    writer_lock,
 )
 
 
@@ -121,14 +132,162 @@ def test_atomic_dir_failure_in_write_leaves_neither_result_nor_temporary(tmp_pat
 
 
 def test_atomic_dir_failed_replacement_puts_the_previous_directory_back(tmp_path, monkeypatch):
-    atomic_dir(tmp_path / "g.zarr", _write_tree("old"))
+    # where the filesystem cannot exchange two directories, the old one is renamed aside:
     # call 1 sets the old directory aside, call 2 (the new one into place) fails, call 3 restores
+    atomic_dir(tmp_path / "g.zarr", _write_tree("old"))
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     seen = _replace_failing_on(monkeypatch, {2})
     with pytest.raises(OSError, match="rename refused"):
         atomic_dir(tmp_path / "g.zarr", _write_tree("new"))
     assert len(seen) == 3 and OLD_MARKER in seen[0][1] and TEMP_MARKER in seen[1][0]
     assert [p.name for p in tmp_path.iterdir()] == ["g.zarr"]
     assert (tmp_path / "g.zarr" / "sub" / "data.txt").read_text() == "old"
+    # and without the failure the fallback replaces, leaving nothing beside
+    monkeypatch.undo()
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    atomic_dir(tmp_path / "g.zarr", _write_tree("new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["g.zarr"]
+    assert (tmp_path / "g.zarr" / "sub" / "data.txt").read_text() == "new"
+
+
+def _skip_without_exchange(directory):
+    a, b = directory / ".probe-a", directory / ".probe-b"
+    a.mkdir()
+    b.mkdir()
+    supported = exchange(a, b)
+    a.rmdir()
+    b.rmdir()
+    if not supported:
+        pytest.skip("this filesystem cannot exchange two paths")
+
+
+def test_exchange_swaps_two_directories_in_one_step(tmp_path):
+    _skip_without_exchange(tmp_path)
+    _write_tree("a")(str(tmp_path / "a"))
+    _write_tree("b")(str(tmp_path / "b"))
+    assert exchange(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a" / "sub" / "data.txt").read_text() == "b"
+    assert (tmp_path / "b" / "sub" / "data.txt").read_text() == "a"
+    with pytest.raises(FileNotFoundError, match="missing"):
+        exchange(tmp_path / "a", tmp_path / "missing")
+    assert (tmp_path / "a" / "sub" / "data.txt").read_text() == "b"
+
+
+def test_atomic_dir_replaces_by_exchange_never_leaving_the_path_empty(tmp_path, monkeypatch):
+    _skip_without_exchange(tmp_path)
+    final = tmp_path / "g.zarr"
+    atomic_dir(final, _write_tree("old"))
+    real, states = atomic.exchange, []
+
+    def watched(a, b):
+        done = real(a, b)
+        states.append((done, (final / "sub" / "data.txt").read_text()))
+        return done
+
+    monkeypatch.setattr(atomic, "exchange", watched)
+    monkeypatch.setattr(os, "rename", None)  # no rename may take the old directory away
+    monkeypatch.setattr(os, "replace", None)
+    atomic_dir(final, _write_tree("new"))
+    assert states == [(True, "new")]
+    assert [p.name for p in tmp_path.iterdir()] == ["g.zarr"]
+
+
+def test_atomic_dir_failed_exchange_keeps_the_previous_directory(tmp_path, monkeypatch):
+    atomic_dir(tmp_path / "g.zarr", _write_tree("old"))
+
+    def refuse(a, b):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(atomic, "exchange", refuse)
+    with pytest.raises(OSError, match="Input/output error"):
+        atomic_dir(tmp_path / "g.zarr", _write_tree("new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["g.zarr"]
+    assert (tmp_path / "g.zarr" / "sub" / "data.txt").read_text() == "old"
+
+
+def test_atomic_dir_check_refuses_before_anything_is_written(tmp_path):
+    atomic_dir(tmp_path / "g.zarr", _write_tree("old"))
+    written = []
+
+    def check(final):
+        raise FileExistsError(f"{final}: no")
+
+    with pytest.raises(FileExistsError, match="g.zarr: no"):
+        atomic_dir(tmp_path / "g.zarr", written.append, check=check)
+    assert written == []
+    assert [p.name for p in tmp_path.iterdir()] == ["g.zarr"]
+
+
+def test_writer_lock_refuses_a_second_writer_naming_the_first(tmp_path):
+    final = tmp_path / "g.zarr"
+    with writer_lock(final) as lock:
+        assert lock == lock_path(final) == str(tmp_path / ".g.zarr.pcmx-lock")
+        holder = json.loads(open(lock).read())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        message = (rf"g.zarr: being written by pid {os.getpid()} on host {re.escape(socket.gethostname())} "
+                   rf"since {holder['since']}, running `.*`; wait for that write to end")
+        with pytest.raises(StoreLockedError, match=message), writer_lock(final):
+            pass
+        with pytest.raises(StoreLockedError, match=message):
+            atomic_dir(final, _write_tree("second"))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".g.zarr.pcmx-lock"]
+    assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock
+    with writer_lock(final):  # and can be taken again
+        pass
+
+
+def test_a_lock_file_left_by_a_killed_writer_locks_nothing(tmp_path):
+    final = tmp_path / "g.zarr"
+    (tmp_path / ".g.zarr.pcmx-lock").write_text('{"pid": 1, "host": "gone"}')  # no flock on it
+    atomic_dir(final, _write_tree("one"))
+    assert [p.name for p in tmp_path.iterdir()] == ["g.zarr"]
+
+
+def _leftover(tmp_path, name, text=None):
+    path = tmp_path / name
+    if text is None:
+        path.mkdir()
+    else:
+        _write_tree(text)(str(path))
+    return path
+
+
+def test_clean_leftovers_restores_the_last_store_set_aside_and_removes_the_rest(tmp_path):
+    final = tmp_path / "g.zarr"
+    _leftover(tmp_path, ".g.zarr.pcmx-old-00000001", "older")
+    time.sleep(0.01)  # distinct ctimes
+    _leftover(tmp_path, ".g.zarr.pcmx-old-00000002", "last")
+    _leftover(tmp_path, ".g.zarr.pcmx-tmp-0000000a", "new, maybe half")
+    (tmp_path / ".g.zarr.pcmx-tmp-0000000b").write_text("a file's temporary")
+    others = [_leftover(tmp_path, ".h.zarr.pcmx-tmp-0000000c"), _leftover(tmp_path, ".g.zarr2.pcmx-old-0000000d"),
+              _leftover(tmp_path, ".g.zarr.pcmx-tmp-live")]  # not ours / not a name we make
+    assert [os.path.basename(p) for p in leftovers(final)] == [
+        ".g.zarr.pcmx-old-00000001", ".g.zarr.pcmx-old-00000002", ".g.zarr.pcmx-tmp-0000000a",
+        ".g.zarr.pcmx-tmp-0000000b"]
+    restored, removed = clean_leftovers(final)
+    assert os.path.basename(restored) == ".g.zarr.pcmx-old-00000002"
+    assert [os.path.basename(p) for p in removed] == [
+        ".g.zarr.pcmx-old-00000001", ".g.zarr.pcmx-tmp-0000000a", ".g.zarr.pcmx-tmp-0000000b"]
+    assert (final / "sub" / "data.txt").read_text() == "last"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["g.zarr", *(p.name for p in others)])
+    # with the store in place, copies set aside are only removed
+    _leftover(tmp_path, ".g.zarr.pcmx-old-00000003", "stale")
+    assert clean_leftovers(final) == (None, [str(tmp_path / ".g.zarr.pcmx-old-00000003")])
+    assert (final / "sub" / "data.txt").read_text() == "last"
+
+
+def test_atomic_dir_and_readers_recover_what_a_killed_replacement_left(tmp_path):
+    final = tmp_path / "g.zarr"
+    _leftover(tmp_path, ".g.zarr.pcmx-old-00000001", "old")  # killed between its two renames
+    _leftover(tmp_path, ".g.zarr.pcmx-tmp-00000002", "new")
+    assert recover_missing(final) == str(tmp_path / ".g.zarr.pcmx-old-00000001")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.zarr"]
+    assert (final / "sub" / "data.txt").read_text() == "old"
+    assert recover_missing(final) is None  # nothing to do
+    _leftover(tmp_path, ".g.zarr.pcmx-tmp-00000003", "half")  # killed mid-write
+    atomic_dir(final, _write_tree("third"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.zarr"]
+    assert (final / "sub" / "data.txt").read_text() == "third"
 
 
 def test_remove_temporaries_clears_leftovers_only(tmp_path):

@@ -10,7 +10,14 @@ from conftest import make_family, make_operator, make_operator3d
 
 import pcmx
 from pcmx.errors import InputError
-from pcmx.model import family_coefficients, family_operator, operator_dataset, psf_at
+from pcmx.model import (
+    family_coefficients,
+    family_operator,
+    operator_dataset,
+    psf_at,
+    state_index,
+)
+from pcmx.units import ureg
 
 
 def hand_psf(basis: np.ndarray, coeffs_at_p: np.ndarray) -> np.ndarray:
@@ -162,3 +169,113 @@ def test_operator_dataset_assembles_and_keeps_coords():
     assert ds["x"].attrs == {"units": "micrometer"}
     np.testing.assert_allclose(ds["x"].values[:3], [0.0, 0.065, 0.13])
     assert operator_dataset(ref["psf_basis"], ref["coefficients"]).attrs == {"pcmx_type": "operator"}
+
+
+# -- issue 14: units everywhere, checked ------------------------------------------------------
+FIELD_UM = 846 * 0.065  # a 55 um field, as in the issue
+
+
+def _field_operator():
+    return make_operator(shape=(846, 12), ksize=3, n_components=2, pixel_size=0.065, seed=1)
+
+
+def test_psf_at_outside_the_field_is_an_error_naming_the_extent():
+    # measured: y=270.0 on a 55 um field returned the edge PSF without a word
+    ds = _field_operator()
+    with pytest.raises(InputError) as err:
+        psf_at(ds, y=270.0, x=0.3)
+    assert str(err.value) == (
+        "y=270 micrometer is outside the field: y spans 0 to 54.925 micrometer (pixel centres "
+        "0 to 845); pass extrapolate=True for the PSF at the nearest edge")
+    edge = psf_at(ds, y=270.0, x=0.3, extrapolate=True)
+    xr.testing.assert_identical(edge, psf_at(ds, y=845, x=5, index=True))
+    # the last pixel's footprint is inside; beyond it, and negative positions, are not
+    psf_at(ds, y=FIELD_UM - 0.033, x=0.3)
+    for y in (FIELD_UM, -0.04):
+        with pytest.raises(InputError, match="outside the field"):
+            psf_at(ds, y=y, x=0.3)
+    with pytest.raises(InputError, match=r"y=846 pixel is outside the field"):
+        psf_at(ds, y=846, x=0, index=True)
+
+
+def test_psf_at_converts_pint_quantities_and_strings():
+    # measured: y=27000 * ureg.nm was stripped of its unit and read as 27000 micrometers
+    ds = _field_operator()
+    expected = psf_at(ds, y=27.0, x=0.39)
+    for y, x in [(27000 * ureg.nm, 390 * ureg.nm), ("27um", "0.39 um"), ("27000 nm", 0.39),
+                 (ureg.Quantity(0.027, "mm"), "390nm")]:
+        xr.testing.assert_identical(psf_at(ds, y=y, x=x), expected)
+    # "px" and ureg.pixel are pixel numbers (pint alone reads "px" as 1/96 inch)
+    xr.testing.assert_identical(psf_at(ds, y="415 px", x=6 * ureg.pixel),
+                                psf_at(ds, y=415, x=6, index=True))
+    for bad, message in [("27", "has no unit"), ("27 s", "is not a length or a pixel number"),
+                         ("lots", "is not a position"), (float("nan"), "must be finite"),
+                         (True, "is not a position")]:
+        with pytest.raises(InputError, match=message):
+            psf_at(ds, y=bad, x=0.39)
+    with pytest.raises(InputError, match="has a unit but index=True takes pixel indices"):
+        psf_at(ds, y="27um", x=1, index=True)
+
+
+def test_psf_at_on_a_quantified_dataset():
+    # measured: op.pint.quantify().pcmx.psf_at(...) raised PintExceptionGroup
+    ds = _field_operator()
+    q = ds.pint.quantify()
+    psf = psf_at(q, y=27.0, x=0.39)
+    np.testing.assert_array_equal(psf.values, psf_at(ds, y=27.0, x=0.39).values)
+    assert str(psf["ky"].data.units) == "micrometer"  # quantified in, quantified out
+    np.testing.assert_array_equal(psf_at(q, y=27000 * ureg.nm, x="390nm").values, psf.values)
+    fam = make_family().pint.quantify()
+    np.testing.assert_array_equal(psf_at(fam, state="wet", y=0.7, x=0.9).values,
+                                  psf_at(make_family(), state="wet", y=7, x=9, index=True).values)
+
+
+def test_psf_at_on_a_grid_in_pixels_refuses_lengths():
+    ds = make_operator(shape=(10, 12), pixel_size=None)
+    xr.testing.assert_identical(psf_at(ds, y=3.2, x=4), psf_at(ds, y=3, x=4, index=True))
+    with pytest.raises(InputError, match="is a length, but this grid has no pixel size"):
+        psf_at(ds, y="1um", x=4)
+
+
+def test_state_lookups_raise_pcmx_errors_naming_the_states():
+    # measured: psf_at(state="nope") on a family raised a bare KeyError
+    fam = make_family()
+    for state in ("nope", 3, -4, True):
+        with pytest.raises(InputError) as err:
+            psf_at(fam, state=state, y=0, x=0, index=True)
+        assert str(err.value) == (f"state={state!r} is not a state of this family; known "
+                                  "states: 'dry', 'wet', 'oil'")
+    with pytest.raises(InputError, match="known states: 'dry', 'wet', 'oil'"):
+        family_coefficients(fam, "nope")
+    with pytest.raises(InputError, match="known states"):
+        family_operator(fam, 7)
+    assert state_index(fam, -1) == 2 and state_index(fam, "oil") == 2
+
+
+def test_integer_state_labels_are_labels():
+    fam = make_family(states=(10, 20, 30))
+    assert state_index(fam, 20) == 1
+    np.testing.assert_allclose(family_coefficients(fam, 30).values, hand_family_coeffs(fam, 2),
+                               rtol=1e-5, atol=1e-5)
+    assert family_operator(fam, 20).attrs["pcmx_parameters"]["family_state"] == "20"
+    with pytest.raises(InputError, match=r"state=1 is not a state of this family; known states: "
+                                         r"10, 20, 30"):
+        psf_at(fam, state=1, y=0, x=0, index=True)
+
+
+def test_integer_state_labels_stay_integers_through_learn_family_and_cross_validation():
+    # measured: learn_family(sim["image"]) turned the integer state labels into strings
+    from pcmx.cross_validation import cross_validate_family
+    from pcmx.family import learn_family
+    from pcmx.simulate import simulate_beads
+
+    sim = simulate_beads((160, 160), 16, states=2, photons=40000.0, min_separation=24, margin=20,
+                         seed=3)
+    images = sim["image"].assign_coords(state=[3, 7])
+    fam = learn_family(images, n_components=2, n_modes=2, psf_radius=8)
+    assert fam["state"].dtype.kind == "i" and list(fam["state"].values) == [3, 7]
+    pcmx.validate(fam)
+    np.testing.assert_array_equal(psf_at(fam, state=7, y=2.0, x=2.0).values,
+                                  psf_at(fam.assign_coords(state=["a", "b"]), state=1, y=2.0, x=2.0).values)
+    cv = cross_validate_family(images, folds=2, psf_radius=8)
+    assert cv["state"].dtype.kind == "i" and list(cv["state"].values) == [3, 7]

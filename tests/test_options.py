@@ -16,9 +16,9 @@ from pcmx.errors import InputError
 
 def test_defaults_are_the_machine_and_documented_values():
     got = pcmx.get_options()
-    assert set(got) == {"threads", "blas_threads", "spectrum_cache_mb", "progress"}
+    assert set(got) == {"threads", "blas_threads", "spectrum_cache_mb", "progress", "any_pixel_size"}
     assert got["threads"] == options.cpu_count() == len(os.sched_getaffinity(0))
-    assert got["blas_threads"] is None and got["progress"] is False
+    assert got["blas_threads"] is None and got["progress"] is False and got["any_pixel_size"] is False
     if "PCMX_SPECTRUM_CACHE_MB" not in os.environ:
         assert got["spectrum_cache_mb"] == 2048
 
@@ -58,7 +58,7 @@ def test_get_options_is_a_copy():
 
 
 @pytest.mark.parametrize("kw, words", [
-    ({"thread": 2}, "unknown option(s) thread; the options are blas_threads, progress"),
+    ({"thread": 2}, "unknown option(s) thread; the options are any_pixel_size, blas_threads, progress"),
     ({"threads": 0}, "threads=0: expected a positive integer"),
     ({"threads": 1.5}, "threads=1.5: expected a positive integer"),
     ({"threads": True}, "threads=True: expected a positive integer"),

@@ -84,9 +84,11 @@ OP_ERRORS = [
     (lambda ds: ds.assign_attrs(pcmx_type="family"), "dataset: missing variable 'spatial_basis'"),
     (_z, "dataset: psf_basis is 2D but coefficients is 3D"),
     (lambda ds: ds.assign(psf_basis=ds["psf_basis"].where(ds["ky"] != 0)),
-     "dataset: psf_basis contains NaN or infinite values"),
+     "dataset: psf_basis contains 21 NaN or infinite values (of 147)"),
     (lambda ds: ds.assign(psf_basis=ds["psf_basis"].where(ds["ky"] != 0, np.inf)),
-     "dataset: psf_basis contains NaN or infinite values"),
+     "dataset: psf_basis contains 21 NaN or infinite values (of 147)"),
+    (lambda ds: ds.assign(coefficients=ds["coefficients"].where(ds["x"] > 0)),
+     "dataset: coefficients contains 96 NaN or infinite values (of 3840)"),
 ]
 
 
@@ -101,7 +103,7 @@ def test_bad_operator_messages(mutate, message):
 def test_even_kernel_is_refused_naming_the_axis_and_size():
     with pytest.raises(SchemaError) as err:
         validate(make_operator().isel(kx=slice(0, 6)), source="op.zarr")
-    assert str(err.value).startswith("op.zarr: variable 'psf_basis' shape 2: 6 ")
+    assert str(err.value) == "op.zarr: variable 'psf_basis': kernel sides must be odd, got 6 (axis 2 of its shape)"
 
 
 def test_newer_schema_version_is_refused_older_accepted():
@@ -157,4 +159,12 @@ def test_summarize_reads_no_array_data():
         "dims": ["component", "y", "x"], "shape": [3, 32, 40], "dtype": "float32", "attrs": {}}
     assert doc["coords"]["x"]["attrs"] == {"units": "micrometer"}
     assert doc["attrs"] == {"pcmx_type": "operator"}
-    assert validate(ds) is ds  # only the small basis is read
+    assert validate(ds, check_values=False) is ds  # only the small basis is read
+    assert validate(ds, check_values="in-memory") is ds
+    with pytest.raises(AssertionError, match="array data was read"):
+        validate(ds)  # the default reads the maps' values (to refuse NaN or inf)
+
+
+def test_check_values_argument_is_checked():
+    with pytest.raises(SchemaError, match=r"^check_values='yes': expected True, False or 'in-memory'$"):
+        validate(make_operator(), check_values="yes")

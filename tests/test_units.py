@@ -29,7 +29,7 @@ from pcmx.units import (
         ("0.065 micrometer", 0.065),
         ("108.3 nanometer", 0.1083),
         ("65 µm", 65.0),
-        ("1 mm", 1000.0),
+        ("0.1 mm", 100.0),
         (ureg.Quantity(65, "nm"), 0.065),
         (ureg.Quantity(0.3, "micrometer"), 0.3),
     ],
@@ -141,3 +141,75 @@ def test_coords_quantify_with_pint_xarray():
     nm = q.pint.to(x=ureg.nanometer).pint.dequantify()
     np.testing.assert_allclose(nm["x"].values, [0.0, 65.0, 130.0, 195.0])
     assert pixel_size(nm, "x") == pytest.approx(0.065)
+
+
+# -- positions: one convention (issue 14) ------------------------------------------------------
+def _grid(n=50, step=0.1):
+    return xr.Dataset(coords=spatial_coords((n, n), step))
+
+
+def test_to_pixels_forms():
+    from pcmx.units import to_pixels
+
+    g = _grid()
+    assert to_pixels(g, y=1.25, x=0.0) == {"y": pytest.approx(12.5), "x": 0.0}
+    assert to_pixels(g, y="1250 nm", x=ureg.Quantity(0.1, "um"))["y"] == pytest.approx(12.5)
+    assert to_pixels(g, y=12.5, x=3, index=True) == {"y": 12.5, "x": 3.0}
+    assert to_pixels(g, y="12.5 px", x=3 * ureg.pixel) == {"y": 12.5, "x": 3.0}
+    pixels = xr.DataArray([1.5, 40.0], dims="bead", attrs={"units": "pixel"})  # as bead_y
+    np.testing.assert_array_equal(to_pixels(g, y=pixels)["y"], [1.5, 40.0])
+    np.testing.assert_allclose(to_pixels(g, y=np.array([0.0, 4.9]))["y"], [0.0, 49.0])
+    # quantified coordinates (ds.pint.quantify()) are read with their units
+    q = xr.DataArray(np.zeros((50, 50)), dims=("y", "x"), coords=g.coords).pint.quantify()
+    assert to_pixels(q, y="1.25um")["y"] == pytest.approx(12.5)
+    # descending coordinates
+    d = g.isel(y=slice(None, None, -1))
+    assert to_pixels(d, y=4.9)["y"] == pytest.approx(0.0)
+
+
+def test_to_pixels_field_extent():
+    from pcmx.units import to_pixels
+
+    g = _grid()
+    assert to_pixels(g, y=4.949)["y"] == pytest.approx(49.49)  # within the last pixel
+    with pytest.raises(InputError) as err:
+        to_pixels(g, y=[1.0, 27.0, 30.0])
+    assert str(err.value) == ("y=27 micrometer is outside the field (2 of 3 positions): y spans 0 "
+                              "to 4.9 micrometer (pixel centres 0 to 49); pass extrapolate=True "
+                              "for the PSF at the nearest edge")
+    np.testing.assert_allclose(to_pixels(g, y=[-3.0, 1.0, 27.0], extrapolate=True)["y"],
+                               [0.0, 10.0, 49.0])
+    with pytest.raises(InputError, match="unknown position dim 'q'"):
+        to_pixels(g, q=1.0)
+
+
+def test_one_position_convention_for_psf_at_true_psf_and_the_engine():
+    # measured: true_psf took pixels, psf_at micrometers, ProductConvolution.psf_at indices
+    import pcmx
+    from pcmx.model import psf_at
+    from pcmx.simulate import simulate_beads, true_operator, true_psf, true_psfs
+
+    sim = simulate_beads((64, 64), 3, seed=0, noise=False)
+    op = true_operator(sim, n_components=2, kernel_size=9, grid=4)
+    engine = pcmx.ProductConvolution(op)
+    y_um, x_um = 20 * 0.065, 41 * 0.065
+    for kw in ({"y": y_um, "x": x_um}, {"y": "1300 nm", "x": x_um * ureg.um},
+               {"y": 20, "x": 41, "index": True}, {"y": "20 px", "x": "41 px"}):
+        np.testing.assert_array_equal(true_psf(sim, **kw, size=9), true_psf(sim, 20, 41, size=9))
+        np.testing.assert_array_equal(engine.psf_at(**kw), engine.psf_at(20, 41))
+        np.testing.assert_allclose(psf_at(op, **kw).values, engine.psf_at(20, 41), rtol=1e-5,
+                                   atol=1e-9)
+    for call in (lambda: true_psf(sim, y=27.0, x=1.0), lambda: engine.psf_at(y=27.0, x=1.0),
+                 lambda: psf_at(op, y=27.0, x=1.0)):
+        with pytest.raises(InputError, match=r"y=27 micrometer is outside the field: y spans 0 "
+                                             r"to 4.095 micrometer"):
+            call()
+    np.testing.assert_array_equal(true_psf(sim, y=27.0, x=1.0, extrapolate=True, size=9),
+                                  true_psf(sim, 63, 1.0 / 0.065, size=9))
+    # bead positions stored in pixels (units="pixel") are read as such
+    np.testing.assert_array_equal(true_psfs(sim, y=sim["bead_y"], x=sim["bead_x"], size=9),
+                                  true_psfs(sim, sim["bead_y"].values, sim["bead_x"].values, size=9))
+    with pytest.raises(InputError, match="not both"):
+        true_psf(sim, 1, 2, y=1.0)
+    with pytest.raises(InputError, match="not both"):
+        engine.psf_at(1, 2, y=1.0)

@@ -7,12 +7,12 @@ Example::
 reads ``sample.tif`` (a TIFF, 2D or a z-stack, or a Zarr/OME-Zarr image), applies the
 space-varying operator stored in ``operator.zarr`` (paper Prop. 1) and writes a float32
 TIFF with the input's pixel size in its metadata. Zarr images are blurred tile by tile.
+The output is checked before any work (its directory must exist) and written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..errors import InputError
 
@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="image: TIFF (2D or z-stack) or Zarr/OME-Zarr")
     parser.add_argument("--output", "-o", required=True, help="output TIFF (float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--nan", choices=("raise", "mask"), default="raise",
+                        help="NaN or infinite pixels in the image: refuse them (raise, default) or "
+                             "treat them as missing (mask: NaN only where they reach the output)")
     parser.add_argument("--boundary", choices=("zero", "reflect", "periodic"), default="zero",
                         help="image extension outside the field: zeros (default), mirror or wrap-around")
 
@@ -35,32 +38,28 @@ def run(args) -> int:
     import numpy as np
 
     from ..io.readers import PcmxWarning, read_image
-    from ..io.tiff import write_tiff
     from ..operator import ProductConvolution
     from ..units import pixel_size
+    from ._common import Outputs, check_output, open_input_store, worded
 
-    out = args.output
-    if not out.lower().endswith((".tif", ".tiff")):
-        raise InputError(f"--output {out}: must be a .tif or .tiff file")
-    if os.path.exists(out) and not args.overwrite:
-        raise InputError(f"--output {out}: already exists; use --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise InputError(f"--output {out}: directory {parent} does not exist")
-    operator = ProductConvolution(args.store, boundary=args.boundary)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PcmxWarning)  # pixel units are fine for blurring
-        image = read_image(args.image)
-    if image.shape != operator.shape:
-        raise InputError(
-            f"{args.image}: image shape {tuple(image.shape)} does not match the operator's grid "
-            f"{operator.shape} ({args.store})"
-        )
-    blurred = operator.apply(image, chunks="auto" if image.chunks is not None else None)
-    sizes = [pixel_size(image, d) for d in image.dims]
-    if all(s is None for s in sizes):  # the operator knows the pixel size if the file does not
-        sizes = [pixel_size(operator.dataset, d) for d in image.dims]
-    write_tiff(out, np.asarray(blurred.values, dtype=np.float32), sizes[-2:],
-               z_step_um=sizes[0] if image.ndim == 3 else None)
+    out = check_output(args.output, "--output", kind="tiff", overwrite=args.overwrite)
+    with Outputs(lock=[out]) as outputs:
+        operator = ProductConvolution(open_input_store(args.store, "operator"), boundary=args.boundary)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PcmxWarning)  # pixel units are fine for blurring
+            image = read_image(args.image)
+        if image.shape != operator.shape:
+            raise InputError(
+                f"{args.image}: image shape {tuple(image.shape)} does not match the operator's grid "
+                f"{operator.shape} ({args.store})"
+            )
+        with worded(image=args.image):
+            blurred = operator.apply(image, chunks="auto" if image.chunks is not None else None,
+                                     nan=args.nan)
+            values = np.asarray(blurred.values, dtype=np.float32)
+        sizes = [pixel_size(image, d) for d in image.dims]
+        if all(s is None for s in sizes):  # the operator knows the pixel size if the file does not
+            sizes = [pixel_size(operator.dataset, d) for d in image.dims]
+        outputs.tiff(out, values, sizes[-2:], z_step_um=sizes[0] if image.ndim == 3 else None)
     print(f"wrote {out} ({'x'.join(str(n) for n in image.shape)}, float32, boundary={args.boundary})")
     return 0

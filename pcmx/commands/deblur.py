@@ -7,7 +7,8 @@ size: ``OUT.tif`` (the restored image ``u1 + u2``, the camera offset removed),
 ``OUT_sparse.tif`` (``u1``, the point sources) and ``OUT_smooth.tif`` (``u2``, the background
 above the offset); ``--store OUT.zarr`` also writes the whole result (a ``restoration`` store:
 components, identified gamma, weights, offset, provenance). Nothing is replaced without
-``--overwrite``.
+``--overwrite``. Every output is checked before the work starts, and the outputs are written
+all-or-nothing: all of them, or none (an existing one is then left as it was).
 
 Example::
 
@@ -19,7 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..errors import InputError, StoreExistsError
+from ..errors import InputError
+from ._common import int_at_least, real
 
 NAME = "deblur"
 HELP = "blind Sparse+Smooth deblurring with a family, or with a known operator (paper App. D)"
@@ -32,16 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--operator", help="operator store (Zarr): known operator (non-blind)")
     parser.add_argument("--output", "-o", required=True,
                         help="restored image TIFF; OUT_sparse.tif and OUT_smooth.tif are written beside it")
-    parser.add_argument("--gamma1", type=float, default=None,
+    parser.add_argument("--gamma1", type=real(0), default=None,
                         help="weight of the l1 norm of the sparse part (default: 4 x noise x PSF l2 norm)")
-    parser.add_argument("--gamma2", type=float, default=None,
+    parser.add_argument("--gamma2", type=real(0), default=None,
                         help="weight of the background's Laplacian (default: l^4/2, l = 2 PSF FWHMs)")
-    parser.add_argument("--sources", type=int, default=None,
+    parser.add_argument("--sources", type=int_at_least(1), default=None,
                         help="use the N strongest isolated point sources to identify the operator")
-    parser.add_argument("--max-iter", type=int, default=300, help="FISTA iterations at most (default 300)")
-    parser.add_argument("--offset", type=float, default=None,
+    parser.add_argument("--max-iter", type=int_at_least(1), default=300, help="FISTA iterations at most (default 300)")
+    parser.add_argument("--offset", type=real(), default=None,
                         help="camera offset (default: estimated jointly)")
     parser.add_argument("--pixel-size", default=None, help="e.g. 65nm, when the file lacks it")
+    parser.add_argument("--any-pixel-size", action="store_true",
+                        help="accept a pixel size outside 1 nm - 100 um (other optics, e.g. a "
+                             "telescope's image-plane pixels)")
     parser.add_argument("--store", default=None, help="also write the whole result as a Zarr store")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -52,6 +57,13 @@ def output_paths(out: str) -> dict:
     return {"restored": out, "sparse": f"{root}_sparse{ext}", "smooth": f"{root}_smooth{ext}"}
 
 
+_OPTIONS = {"n_sources": "--sources", "gamma1": "--gamma1",
+            "gamma2": "--gamma2", "max_iter": "--max-iter", "offset": "--offset"}
+# advice of the bead detector naming an option deblur does not have
+_REPLACE = {"; lower the threshold": "; blind identification needs isolated point sources in "
+                                     "the image: deblur it with a known operator (--operator)"}
+
+
 def run(args) -> int:
     import warnings
 
@@ -59,42 +71,40 @@ def run(args) -> int:
 
     from ..deblur import deblur
     from ..io.readers import PcmxWarning, read_image
-    from ..io.store import save_store
-    from ..io.tiff import write_tiff
     from ..provenance import sha256_file
     from ..units import pixel_size
+    from ._common import Outputs, check_distinct, check_output, open_input_store, worded
 
-    out = args.output
-    if not out.lower().endswith((".tif", ".tiff")):
-        raise InputError(f"--output {out}: must be a .tif or .tiff file")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise InputError(f"--output {out}: directory {parent} does not exist")
-    paths = output_paths(out)
-    if not args.overwrite:  # fail before the work, not after
-        existing = [p for p in paths.values() if os.path.exists(p)]
-        if existing:
-            raise StoreExistsError(f"--output {existing[0]}: already exists; use --overwrite to replace it")
-        if args.store and os.path.exists(args.store):
-            raise StoreExistsError(f"--store {args.store}: already exists; use --overwrite to replace it")
     if args.operator is not None and args.sources is not None:
         raise InputError("--sources is for blind identification with --family, not with --operator")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PcmxWarning)  # the family/operator gives the pixel size
-        image = read_image(args.image, pixel_size=args.pixel_size)
-    if image.ndim != 2:
-        raise InputError(f"{args.image}: deblurring takes a 2D image, got shape {tuple(image.shape)}")
-    image = image.load()
-    ds = deblur(image, args.family, operator=args.operator, n_sources=args.sources,
-                gamma1=args.gamma1, gamma2=args.gamma2, max_iter=args.max_iter, offset=args.offset)
-    ds.attrs["pcmx_inputs"] = [*ds.attrs.get("pcmx_inputs", []),
-                               {"name": os.path.basename(os.path.normpath(args.image)),
-                                "sha256": sha256_file(args.image) if os.path.isfile(args.image) else None}]
-    sizes = [pixel_size(ds, d) for d in ("y", "x")]
-    for var, path in paths.items():
-        write_tiff(path, np.asarray(ds[var].values, dtype=np.float32), sizes)
-    if args.store:
-        save_store(ds, args.store, overwrite=args.overwrite)
+    paths = output_paths(args.output)
+    targets = [("--output", check_output(p, "--output", kind="tiff", overwrite=args.overwrite))
+               for p in paths.values()]
+    if args.store is not None:
+        targets.append(("--store", check_output(args.store, "--store", kind="store",
+                                                overwrite=args.overwrite)))
+    check_distinct(targets)
+    with Outputs(lock=[p for _, p in targets]) as outputs:
+        family = open_input_store(args.family, "family") if args.family else None
+        operator = open_input_store(args.operator, "operator") if args.operator else None
+        with worded(image=args.image, options=_OPTIONS, replace=_REPLACE):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PcmxWarning)  # the family/operator gives the pixel size
+                image = read_image(args.image, pixel_size=args.pixel_size)
+            if image.ndim != 2:
+                raise InputError(f"{args.image}: deblurring takes a 2D image, got shape {tuple(image.shape)}")
+            image = image.load()
+            ds = deblur(image, family, operator=operator, n_sources=args.sources,
+                        gamma1=args.gamma1, gamma2=args.gamma2, max_iter=args.max_iter,
+                        offset=args.offset)
+        ds.attrs["pcmx_inputs"] = [*ds.attrs.get("pcmx_inputs", []),
+                                   {"name": os.path.basename(os.path.normpath(args.image)),
+                                    "sha256": sha256_file(args.image) if os.path.isfile(args.image) else None}]
+        sizes = [pixel_size(ds, d) for d in ("y", "x")]
+        for var, path in paths.items():
+            outputs.tiff(path, np.asarray(ds[var].values, dtype=np.float32), sizes)
+        if args.store:
+            outputs.store(args.store, ds, overwrite=args.overwrite)
     a = ds.attrs
     ident = (f", identified from {a['pcmx_parameters']['n_sources_used']} sources "
              f"(residual {a['identification_residual']:.3f})" if args.family else "")

@@ -1,6 +1,12 @@
-"""``pcmx learn IMAGE --output OP.zarr``: learn one space-varying operator from a bead image."""
+"""``pcmx learn IMAGE --output OP.zarr``: learn one space-varying operator from a bead image.
+
+The output is checked before any work (its directory must exist; an existing store is
+replaced only with ``--overwrite``) and written atomically.
+"""
 
 from __future__ import annotations
+
+from ._common import int_at_least, real
 
 NAME = "learn"
 HELP = "learn the space-varying operator of a microscope from one bead image or z-stack (paper II-C)"
@@ -10,20 +16,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("image", help="2D bead image or 3D z-stack of beads in a gel: TIFF, "
                                       "Zarr/OME-Zarr or .npy")
     parser.add_argument("-o", "--output", required=True, help="operator store to write (Zarr)")
-    parser.add_argument("--components", type=int, default=None,
+    parser.add_argument("--components", type=int_at_least(1), default=None,
                         help="I, size of the PSF basis (default: Gavish-Donoho optimal hard "
                              "threshold for the patches' estimated noise)")
-    parser.add_argument("--psf-radius", type=int, nargs="+", default=None, metavar="R",
+    parser.add_argument("--psf-radius", type=int_at_least(1), nargs="+", default=None, metavar="R",
                         help="r in pixels (default: estimated); for a z-stack one lateral "
                              "radius or three: r_z r_y r_x")
     parser.add_argument("--pixel-size", default=None, help="e.g. 65nm, when the file lacks it")
+    parser.add_argument("--any-pixel-size", action="store_true",
+                        help="accept a pixel size outside 1 nm - 100 um (other optics, e.g. a "
+                             "telescope's image-plane pixels)")
     parser.add_argument("--z-step", default=None,
                         help="distance between the planes of a z-stack, e.g. 200nm, when the "
                              "file lacks it")
-    parser.add_argument("--threshold", type=float, default=None, help="detection threshold (default: automatic)")
+    parser.add_argument("--threshold", type=real(0, strict=True), default=None, help="detection threshold (default: automatic)")
     parser.add_argument("--background", choices=["global", "local"], default=None,
                         help="background estimator (default: the least biased, see docs/background.md)")
-    parser.add_argument("--eta", type=float, default=None, help="TPS smoothing (default: GCV)")
+    parser.add_argument("--eta", type=real(0), default=None, help="TPS smoothing (default: GCV)")
     parser.add_argument("--realism", choices=("cone", "nonnegative", "none"), default="cone",
                         help="realism projection of the maps (App. C-b): the cone of observed "
                              "coefficients (default), non-negative PSFs, or none")
@@ -38,27 +47,36 @@ def add_arguments(parser) -> None:
                         help="where cross-validation finds the space-invariant reference better: "
                              "store it (auto, default) or keep the space-varying model; a warning "
                              "says so either way")
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--folds", type=int_at_least(2), default=5,
+                        help="cross-validation folds, at least 2 (default 5)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
 
 
+_OPTIONS = {"n_components": "--components",
+            "psf_radius": "--psf-radius", "threshold": "--threshold", "eta": "--eta",
+            "folds": "--folds"}
+
+
 def run(args) -> int:
-    import os
-
-    from ..errors import StoreExistsError
-    from ..io.store import save_store
+    from ..errors import InputError
     from ..learn import learn_operator
+    from ._common import Outputs, check_output, worded
 
-    if os.path.exists(args.output) and not args.overwrite:  # fail before the work, not after
-        raise StoreExistsError(f"{args.output}: already exists; use --overwrite to replace it")
+    out = check_output(args.output, "--output", kind="store", overwrite=args.overwrite)
     radius = args.psf_radius
     if radius is not None:
+        if len(radius) not in (1, 3):
+            raise InputError(f"--psf-radius {' '.join(map(str, radius))}: give one radius, or "
+                             "three (r_z r_y r_x) for a z-stack")
         radius = radius[0] if len(radius) == 1 else tuple(radius)
-    ds = learn_operator(args.image, n_components=args.components, psf_radius=radius,
-                        pixel_size=args.pixel_size, z_step=args.z_step, threshold=args.threshold,
-                        background=args.background, eta=args.eta, realism=args.realism,
-                        validate=args.validate, folds=args.folds, select=args.select)
-    save_store(ds, args.output, overwrite=args.overwrite)
+    with Outputs(lock=[out]) as outputs:
+        with worded(image=args.image, options=_OPTIONS):
+            ds = learn_operator(args.image, n_components=args.components, psf_radius=radius,
+                                pixel_size=args.pixel_size, z_step=args.z_step,
+                                threshold=args.threshold, background=args.background, eta=args.eta,
+                                realism=args.realism, validate=args.validate, folds=args.folds,
+                                select=args.select)
+        outputs.store(out, ds, overwrite=args.overwrite)
     p = ds.attrs["pcmx_parameters"]
     c = p["counts"]
     print(f"{args.output}: I={p['n_components']} components, r={p['psf_radius']} px, "

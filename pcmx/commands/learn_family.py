@@ -7,10 +7,14 @@ and inputs; the checkpoint is removed once the store is saved. A checkpoint made
 arguments or inputs is refused unless ``--overwrite`` (then it is discarded and the run starts
 afresh). A bad image (unreadable, wrong shape, non-finite, no or too few beads) stops the run
 before the store is written, naming the file and the cause, unless ``--skip-bad``: then it is
-left out, listed in the summary and in the store's ``pcmx_skipped`` attribute.
+left out, listed in the summary and in the store's ``pcmx_skipped`` attribute. The output and
+the checkpoint's directory are checked before any work (they must exist; pcmx creates no
+parent directories) and the store is written atomically.
 """
 
 from __future__ import annotations
+
+from ._common import int_at_least
 
 NAME = "learn-family"
 HELP = "learn a family of operators from bead images under varying conditions (paper II-D)"
@@ -19,14 +23,17 @@ HELP = "learn a family of operators from bead images under varying conditions (p
 def add_arguments(parser) -> None:
     parser.add_argument("images", nargs="+", help="2D bead images (TIFF/Zarr/.npy) or globs; one state each")
     parser.add_argument("-o", "--output", required=True, help="family store to write (Zarr)")
-    parser.add_argument("--components", type=int, default=None, help="I, size of the shared PSF basis (default: Gavish-Donoho optimal hard threshold for the patches' estimated noise)")
-    parser.add_argument("--modes", type=int, default=None,
+    parser.add_argument("--components", type=int_at_least(1), default=None, help="I, size of the shared PSF basis (default: Gavish-Donoho optimal hard threshold for the patches' estimated noise)")
+    parser.add_argument("--modes", type=int_at_least(1), default=None,
                         help="J (default: by --mode-rule)")
     parser.add_argument("--mode-rule", choices=("capped", "threshold", "energy"), default="capped",
                         help="automatic J: the paper's 2.858 x median rule (threshold), the fewest modes "
                              "reproducing the maps to 1%% RMS (energy), or the smaller (capped, default)")
-    parser.add_argument("--psf-radius", type=int, default=None, help="r in pixels, shared (default: estimated)")
+    parser.add_argument("--psf-radius", type=int_at_least(1), default=None, help="r in pixels, shared (default: estimated)")
     parser.add_argument("--pixel-size", default=None, help="e.g. 65nm, when the files lack it")
+    parser.add_argument("--any-pixel-size", action="store_true",
+                        help="accept a pixel size outside 1 nm - 100 um (other optics, e.g. a "
+                             "telescope's image-plane pixels)")
     parser.add_argument("--planes-as-states", action="store_true",
                         help="each plane of the given z-stack(s) is one state")
     parser.add_argument("--skip-bad", action="store_true",
@@ -74,6 +81,11 @@ def _client(spec: str):
         raise InputError(f"--scheduler {spec}: cannot connect ({type(exc).__name__}: {exc})") from None
 
 
+_OPTIONS = {"n_components": "--components", "n_modes": "--modes",
+            "psf_radius": "--psf-radius"}
+_REPLACE = {"; lower the threshold": ""}  # the detection threshold is not an option here
+
+
 def run(args) -> int:
     import glob
     import os
@@ -81,13 +93,17 @@ def run(args) -> int:
     import sys
     import warnings
 
-    from ..errors import InputError, StoreExistsError
+    from ..errors import InputError
     from ..family import learn_family
     from ..io.readers import read_image
-    from ..io.store import save_store
+    from ._common import Outputs, check_output, worded
 
-    if os.path.exists(args.output) and not args.overwrite:
-        raise StoreExistsError(f"{args.output}: already exists; use --overwrite to replace it")
+    out = check_output(args.output, "--output", kind="store", overwrite=args.overwrite)
+    if args.checkpoint is not None:
+        if not args.checkpoint.strip():
+            raise InputError("--checkpoint '': an empty path; give the checkpoint directory")
+        if not os.path.isdir(args.checkpoint):
+            check_output(args.checkpoint, "--checkpoint", kind="directory", overwrite=True)
     paths = []
     for item in args.images:
         found = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
@@ -105,34 +121,36 @@ def run(args) -> int:
                 plane = stack.isel(z=z, drop=True)
                 plane.attrs["source"] = f"{os.path.basename(p)}[z={z}]"
                 images.append(plane)
-    checkpoint = args.checkpoint or os.path.abspath(args.output).rstrip(os.sep) + ".partial"
+    checkpoint = args.checkpoint or os.path.abspath(out).rstrip(os.sep) + ".partial"
     client = cluster = None
-    if args.scheduler:
-        client, cluster = _client(args.scheduler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                ds = learn_family(images, n_components=args.components, n_modes=args.modes,
-                                  psf_radius=args.psf_radius, pixel_size=args.pixel_size,
-                                  checkpoint=checkpoint, overwrite_checkpoint=args.overwrite,
-                                  skip_bad=args.skip_bad, svd=args.svd, realism=args.realism,
-                                  mode_rule=args.mode_rule,
-                                  progress=not args.no_progress, client=client)
-            except InputError as exc:
-                done = os.path.join(checkpoint, "beads")
-                if os.path.isdir(done) and os.listdir(done):
-                    raise InputError(f"{exc} (the work done so far is kept in {checkpoint} for a "
-                                     "rerun)") from None
-                raise
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
-    for w in caught:
-        print(f"pcmx {NAME}: warning: {w.message}", file=sys.stderr)
-    save_store(ds, args.output, overwrite=args.overwrite)
+    with Outputs(lock=[out]) as outputs:  # a second writer of the output fails before its work
+        if args.scheduler:
+            client, cluster = _client(args.scheduler)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    with worded(options=_OPTIONS, replace=_REPLACE):
+                        ds = learn_family(images, n_components=args.components, n_modes=args.modes,
+                                          psf_radius=args.psf_radius, pixel_size=args.pixel_size,
+                                          checkpoint=checkpoint, overwrite_checkpoint=args.overwrite,
+                                          skip_bad=args.skip_bad, svd=args.svd, realism=args.realism,
+                                          mode_rule=args.mode_rule,
+                                          progress=not args.no_progress, client=client)
+                except InputError as exc:
+                    done = os.path.join(checkpoint, "beads")
+                    if os.path.isdir(done) and os.listdir(done):
+                        raise InputError(f"{exc} (the work done so far is kept in {checkpoint} "
+                                         "for a rerun)") from None
+                    raise
+        finally:
+            if client is not None:
+                client.close()
+            if cluster is not None:
+                cluster.close()
+        for w in caught:
+            print(f"pcmx {NAME}: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+        outputs.store(out, ds, overwrite=args.overwrite)
     shutil.rmtree(checkpoint, ignore_errors=True)
     p = ds.attrs["pcmx_parameters"]
     sv = ds["map_singular_values"].values[: p["n_modes"] + 2]

@@ -121,6 +121,7 @@ def _read_tiff(path: str) -> tuple[np.ndarray, tuple]:
             data = tif.asarray()
             _check_tiff_complete(tif, path, log)
             sizes = _tiff_pixel_size(tif)
+            samples = int(getattr(tif.pages[0], "samplesperpixel", 1) or 1)
     except MemoryError as exc:
         raise InputError(
             f"cannot read {path}: not enough memory for the image its header describes "
@@ -133,7 +134,16 @@ def _read_tiff(path: str) -> tuple[np.ndarray, tuple]:
         raise InputError(f"cannot read {path}: not a valid TIFF (truncated or corrupt): {cause}") from exc
     finally:
         tiff_logger.removeHandler(log)
+    if samples > 1:  # RGB(A) or other interleaved channels: the last axis
+        raise InputError(_channels_message(path, data.shape, samples))
     return data, sizes
+
+
+def _channels_message(source: str, shape: tuple, channels: int) -> str:
+    kind = {3: "an RGB image", 4: "an RGBA image"}.get(channels, f"an image with {channels} channels")
+    return (f"{source}: {kind} (shape {tuple(shape)}: a channel axis of size {channels}); pcmx "
+            "takes one channel: split the channels and give one (Fiji: Image > Color > Split "
+            "Channels), or in Python pass one channel, e.g. image[..., 0]")
 
 
 def _finish(data, sizes, source: str, pixel_size, *, name="image") -> xr.DataArray:
@@ -143,10 +153,13 @@ def _finish(data, sizes, source: str, pixel_size, *, name="image") -> xr.DataArr
             f"{source}: image has {data.ndim} dimensions {tuple(data.shape)}; pcmx takes 2D (y, x) "
             "or 3D (z, y, x) images (split channels/time points first)"
         )
+    if data.ndim == 3 and data.shape[-1] in (3, 4) and min(data.shape[:2]) >= 16:
+        raise InputError(_channels_message(source, data.shape, data.shape[-1]))
     if min(data.shape) < 2:
         raise InputError(f"{source}: image of shape {tuple(data.shape)} is too small")
     if data.dtype.kind not in "uif" or data.dtype.kind == "c":
-        raise InputError(f"{source}: unsupported pixel type {data.dtype}")
+        raise InputError(f"{source}: unsupported pixel type {data.dtype} (pcmx takes integer or "
+                         "floating-point pixels)")
     sizes = tuple(sizes)[-data.ndim:] if sizes else (None,) * data.ndim
     if pixel_size is not None:
         if isinstance(pixel_size, (list, tuple)):
@@ -214,10 +227,27 @@ def _read_any(path: str):
     if low.endswith((".tif", ".tiff")):
         return _read_tiff(path)
     if low.endswith(".npy"):
-        return np.load(path), None
+        return _read_npy(path), None
     if os.path.isdir(path):
         return _read_zarr(path)
     raise InputError(f"{path}: unknown image format (TIFF, Zarr/OME-Zarr or .npy expected)")
+
+
+def _read_npy(path: str) -> np.ndarray:
+    """A ``.npy`` of numbers; never unpickles (object arrays are refused, naming the file)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except OSError as exc:  # permissions, a directory named *.npy, I/O errors
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise InputError(f"{path}: a NumPy array of Python objects (dtype object), not an "
+                             "image of numbers; pcmx loads no pickled data: save the pixels as "
+                             "a numeric array (e.g. np.save(path, image.astype(np.float32)))") from exc
+        raise InputError(f"cannot read {path}: not a valid .npy file (truncated or corrupt): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001  (EOFError, UnpicklingError... on broken files)
+        cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read {path}: not a valid .npy file (truncated or corrupt): {cause}") from exc
 
 
 def _read_zarr(path: str):

@@ -1,10 +1,12 @@
 """Zarr v3 stores of pcmx results: validated, lazy on read, atomic on write.
 
-A write goes to a temporary sibling (``.NAME.pcmx-tmp-XXXX``, :func:`pcmx.io.atomic.atomic_dir`)
-and is renamed into place only when complete, so a crash or a kill mid-write leaves neither a half store nor a damaged old
-one. An existing store is replaced only with ``overwrite=True``. Other tools read the result
-with plain ``xarray.open_zarr(path)``; :func:`describe_store` is the summary ``pcmx info``
-prints.
+A write goes to a temporary sibling (``.NAME.pcmx-tmp-XXXX``) and is exchanged with the
+previous store in one atomic step only when complete (:func:`pcmx.io.atomic.atomic_dir`), under
+a lock that makes a second writer fail at once; a reader at the path finds the old or the new
+store, complete, whatever is killed when, and the next write removes what killed ones left
+(docs/store-format.md, "Writing safely"). An existing store is replaced only with
+``overwrite=True``. Other tools read the result with plain ``xarray.open_zarr(path)``;
+:func:`describe_store` is the summary ``pcmx info`` prints.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import os
 import uuid
+import warnings
 from urllib.parse import urlparse
 
 import numpy as np
@@ -22,7 +25,8 @@ from ..errors import SchemaError, StoreError, StoreExistsError
 from ..provenance import SCHEMA_VERSION, jsonable, provenance
 from ..schema import validate
 from ..units import format_length, pixel_size
-from .atomic import TEMP_MARKER, atomic_dir
+from .atomic import OLD_MARKER, TEMP_MARKER, atomic_dir, leftovers, recover_missing
+from .readers import PcmxWarning
 
 __all__ = ["open_store", "save_store", "is_store", "describe_store"]
 
@@ -99,9 +103,9 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
         A pcmx result (``attrs["pcmx_type"]``). Missing provenance attrs are filled in.
         pint-quantified Datasets are dequantified first.
     path : str or path-like
-        Local path or an fsspec URL xarray accepts. Local writes are atomic; on object stores
-        the store is written under a temporary prefix and moved, which is as close as the
-        store allows.
+        Local path or an fsspec URL xarray accepts. Local writes are atomic and locked; on
+        fsspec targets the store is written under a temporary prefix and moved, which is as
+        close as the store allows (no lock; docs/store-format.md says what is guaranteed where).
     overwrite : bool
         Replace an existing pcmx store at ``path``. Never replaces something that is not a
         pcmx store.
@@ -120,6 +124,8 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
         ``path`` exists and ``overwrite`` is False.
     SchemaError
         ``ds`` is not a valid pcmx Dataset (nothing is written).
+    StoreLockedError
+        Another process is writing ``path`` (the message names it); nothing is written.
     StoreError
         The write failed (the old store, if any, is left intact).
     """
@@ -129,7 +135,7 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
     except (AttributeError, ValueError):
         pass
     ds = _with_provenance(ds)
-    validate(ds, source=path, require_provenance=True)
+    validate(ds, source=path, require_provenance=True, check_values="in-memory")
     ds = _portable_strings(ds)
     if group is not None:
         ds.to_zarr(path, group=group, mode="w" if overwrite else "w-", zarr_format=3,
@@ -140,12 +146,14 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
 
     path = _local(path).rstrip(os.sep)
     parent = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(path):
-        if not overwrite:
-            raise StoreExistsError(f"{path}: already exists; use overwrite=True (--overwrite) to replace it")
-        if not is_store(path):
-            raise StoreExistsError(f"{path}: exists and is not a pcmx store; refusing to replace it")
     os.makedirs(parent, exist_ok=True)
+
+    def check(final: str) -> None:  # under the writer lock, after leftovers are cleaned
+        if os.path.lexists(final):
+            if not overwrite:
+                raise StoreExistsError(f"{path}: already exists; use overwrite=True (--overwrite) to replace it")
+            if not is_store(final):
+                raise StoreExistsError(f"{path}: exists and is not a pcmx store; refusing to replace it")
 
     def write(tmp: str) -> None:
         try:
@@ -153,7 +161,12 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
         except (OSError, ValueError, TypeError) as exc:
             raise StoreError(f"{path}: write failed ({type(exc).__name__}: {exc}); nothing changed") from exc
 
-    atomic_dir(path, write)
+    try:
+        atomic_dir(path, write, check=check)
+    except StoreError:
+        raise
+    except OSError as exc:  # the lock file, the swap: the previous store is in place
+        raise StoreError(f"{path}: write failed ({type(exc).__name__}: {exc}); nothing changed") from exc
     return path
 
 
@@ -177,9 +190,27 @@ def _save_remote(ds: xr.Dataset, url: str, overwrite: bool) -> str:
     return url
 
 
+def _restore(path: str) -> None:
+    """Put back a store that a replacement killed between its two renames left set aside."""
+    try:
+        restored = recover_missing(_local(path))
+    except OSError as exc:
+        aside = ", ".join(os.path.basename(p) for p in leftovers(_local(path)) if OLD_MARKER in p)
+        raise StoreError(f"{path}: no such store; a replacement was interrupted and the previous "
+                         f"store is at {aside}, which cannot be renamed back ({type(exc).__name__}: "
+                         f"{exc})") from None
+    if restored:
+        warnings.warn(f"{path}: restored the previous store from {os.path.basename(restored)} "
+                      "(its replacement was interrupted)", PcmxWarning, stacklevel=3)
+
+
 def open_store(path, *, kind: str | None = None, group: str | None = None,
                chunks="auto-stored", validate_store: bool = True) -> xr.Dataset:
     """Open a pcmx store lazily (dask-backed) and validate it.
+
+    A store that a replacement killed between two renames left only set aside (on a
+    filesystem that cannot exchange two directories) is renamed back first, with a
+    :class:`~pcmx.io.readers.PcmxWarning`.
 
     Parameters
     ----------
@@ -201,6 +232,8 @@ def open_store(path, *, kind: str | None = None, group: str | None = None,
     """
     path = os.fspath(path)
     if _is_local(path) and not os.path.exists(_local(path)):
+        _restore(path)
+    if _is_local(path) and not os.path.exists(_local(path)):
         raise StoreError(f"{path}: no such store")
     if _is_local(path) and os.path.isfile(_local(path)):
         raise StoreError(f"{path}: not a Zarr store (it is a file)")
@@ -213,7 +246,7 @@ def open_store(path, *, kind: str | None = None, group: str | None = None,
         raise StoreError(f"{path}: not a Zarr store ({type(exc).__name__}: {exc})") from None
     if validate_store:
         try:
-            validate(ds, kind=kind, source=path, require_provenance=True)
+            validate(ds, kind=kind, source=path, require_provenance=True, check_values=False)
         except SchemaError:
             ds.close()
             raise

@@ -39,12 +39,14 @@ seed=0) -> xr.Dataset``
     ``attrs``: ``pcmx_type="simulation"``, provenance, ``optics``, ``field_model``, ``states``,
     ``camera``, ``scene``: everything needed to recompute the exact PSF anywhere.
 
-``true_psf(sim, y, x, *, state=0, size=33, size_z=None, defocus=0.0) -> ndarray``
-    float32 ``(size, size)`` exact PSF of a unit bead at pixel position ``(y, x)``, centred at
-    index ``size // 2`` (sub-pixel offset removed), normalised to sum one over the infinite
-    plane before cropping; ``(size_z, size, size)`` for 3D simulations.
+``true_psf(sim, y=, x=, *, index=False, extrapolate=False, state=0, size=33, size_z=None, defocus=0.0) -> ndarray``
+    float32 ``(size, size)`` exact PSF of a unit bead at ``(y, x)``, centred at index
+    ``size // 2`` (sub-pixel offset removed), normalised to sum one over the infinite plane
+    before cropping; ``(size_z, size, size)`` for 3D simulations. Positions by pcmx's one
+    convention (:func:`pcmx.units.to_pixels`): micrometers, ``"27um"``, pint Quantities, or
+    pixels with ``index=True``; ``true_psf(sim, 100.3, 20.7)`` (positional) takes pixels.
 
-``true_psfs(sim, ys, xs, *, state=0, size=33, size_z=None, defocus=0.0) -> ndarray``
+``true_psfs(sim, y=, x=, ...)`` or ``true_psfs(sim, ys, xs, ...)`` (pixels) -> ndarray
     Vectorised: ``(n, size, size)``.
 
 ``true_operator(sim, *, state=0, n_components=5, kernel_size=33, grid=16) -> xr.Dataset``

@@ -10,7 +10,7 @@ from scipy.interpolate import RectBivariateSpline
 
 from ..errors import InputError
 from ..provenance import provenance
-from ..units import kernel_coords, spatial_coords
+from ..units import kernel_coords, spatial_coords, to_pixels
 from ._model import FieldModel, State
 from ._psf import Optics, engine
 from ._render import render_sizes
@@ -50,18 +50,52 @@ def _check_size(value, name: str, *, odd: bool = False) -> int:
     return int(value)
 
 
-def true_psfs(sim: xr.Dataset, ys, xs, *, state: int = 0, size: int = 33,
+def _positions(shape, pixel_size, positional, y, x, index: bool,
+               extrapolate: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Fractional pixel positions ``(ys, xs)`` by pcmx's position convention."""
+    if positional:
+        if y is not None or x is not None:
+            raise InputError("give the position either as (ys, xs) pixel positions or as y=, x=, "
+                             "not both")
+        if len(positional) != 2:
+            raise InputError(f"expected two positions (y, x), got {len(positional)}")
+        y, x = positional
+        index = True  # the positional form: pixel positions, as bead_y / bead_x store them
+    if y is None or x is None:
+        raise InputError("give the position: y=..., x=... (micrometers, or index=True for pixels)")
+    grid = xr.Dataset(coords=spatial_coords(shape[-2:], pixel_size, dims=("y", "x")))
+    p = to_pixels(grid, index=index, extrapolate=extrapolate, y=y, x=x)
+    ys = np.atleast_1d(np.asarray(p["y"], dtype=np.float64)).ravel()
+    xs = np.atleast_1d(np.asarray(p["x"], dtype=np.float64)).ravel()
+    return ys, xs
+
+
+def true_psfs(sim: xr.Dataset, *positions, y=None, x=None, index: bool = False,
+              extrapolate: bool = False, state: int = 0, size: int = 33,
               size_z: int | None = None, defocus: float = 0.0) -> np.ndarray:
     """Exact PSFs of unit beads at many positions (vectorised :func:`true_psf`).
+
+    Positions follow pcmx's one convention (:func:`pcmx.units.to_pixels`): ``y=``, ``x=``
+    are in the simulation's coordinates (micrometers), pint Quantities or strings
+    (``"27um"``, ``"120 px"``), or pixel indices with ``index=True``; DataArrays with
+    ``units="pixel"`` (``sim["bead_y"]``) are pixel positions. The positional form
+    ``true_psfs(sim, ys, xs)`` takes pixel positions (as ``index=True``).
 
     Parameters
     ----------
     sim : Dataset
         A result of :func:`simulate_beads` or :func:`simulate_point_sources` (or one reopened
         from a store: only the attrs are used).
-    ys, xs : array_like (n,)
-        Bead positions in pixels (sub-pixel values allowed: the field model is evaluated
-        there; the PSF is returned centred, its sub-pixel offset removed).
+    *positions : array_like (n,), optional
+        ``ys, xs``: bead positions in pixels (sub-pixel values allowed: the field model is
+        evaluated there; the PSF is returned centred, its sub-pixel offset removed).
+    y, x : array_like (n,), optional
+        Bead positions by keyword, in micrometers (or pixels with ``index=True``).
+    index : bool
+        Bare numbers given by keyword are pixel positions.
+    extrapolate : bool
+        Positions outside the field (beyond half a pixel from its edge pixels) are moved to
+        the nearest edge pixel instead of raising.
     state : int
         Which acquisition's conditions.
     size : int
@@ -81,12 +115,9 @@ def true_psfs(sim: xr.Dataset, ys, xs, *, state: int = 0, size: int = 33,
     optics, fm, states, shape = simulation_model(sim)
     st = _pick_state(states, state)
     size = _check_size(size, "size")
-    ys = np.atleast_1d(np.asarray(ys, dtype=np.float64)).ravel()
-    xs = np.atleast_1d(np.asarray(xs, dtype=np.float64)).ravel()
+    ys, xs = _positions(shape, optics.pixel_size, positions, y, x, index, extrapolate)
     if ys.shape != xs.shape:
         raise InputError(f"ys and xs have different lengths ({ys.size} and {xs.size})")
-    if not (np.all(np.isfinite(ys)) and np.all(np.isfinite(xs))):
-        raise InputError("ys and xs must be finite")
     zern, dfield = fm.at(ys, xs, st)
     dfield = dfield + float(defocus)
     if len(shape) == 2:
@@ -113,15 +144,24 @@ def _render_cropped(sim, optics, fm, zern, defocus, shape, size) -> np.ndarray:
     return out
 
 
-def true_psf(sim: xr.Dataset, y: float, x: float, *, state: int = 0, size: int = 33,
+def true_psf(sim: xr.Dataset, *position, y=None, x=None, index: bool = False,
+             extrapolate: bool = False, state: int = 0, size: int = 33,
              size_z: int | None = None, defocus: float = 0.0) -> np.ndarray:
-    """Exact PSF of a unit bead at pixel position ``(y, x)``, centred at index ``size // 2``.
+    """Exact PSF of a unit bead at one position, centred at index ``size // 2``.
+
+    ``true_psf(sim, y="27um", x=13.0)`` (micrometers, pint Quantities or strings),
+    ``true_psf(sim, y=415.3, x=200, index=True)`` or ``true_psf(sim, 415.3, 200)`` (pixel
+    positions): pcmx's position convention (:func:`pcmx.units.to_pixels`).
 
     The PSF as a function of the offset from the bead (its sub-pixel offset removed),
     float32 ``(size, size)`` (``(size_z, size, size)`` in 3D), normalised to sum one over the
     infinite plane before cropping. See :func:`true_psfs`.
     """
-    return true_psfs(sim, [y], [x], state=state, size=size, size_z=size_z, defocus=defocus)[0]
+    for name, v in (("y", y), ("x", x), *zip(("y", "x"), position, strict=False)):
+        if v is not None and not isinstance(v, str) and np.ndim(getattr(v, "magnitude", v)) > 0:
+            raise InputError(f"{name}: true_psf takes one position (use true_psfs for many)")
+    return true_psfs(sim, *position, y=y, x=x, index=index, extrapolate=extrapolate,
+                     state=state, size=size, size_z=size_z, defocus=defocus)[0]
 
 
 def true_operator(sim: xr.Dataset, *, state: int = 0, n_components: int = 5,
