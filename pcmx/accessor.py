@@ -10,7 +10,7 @@ import importlib
 
 import xarray as xr
 
-__all__ = ["PcmxDatasetAccessor", "PcmxDataArrayAccessor"]
+__all__ = ["PcmxDatasetAccessor", "PcmxDataArrayAccessor", "PcmxPlotNamespace"]
 
 
 def _mod(name: str):
@@ -54,17 +54,56 @@ class PcmxDatasetAccessor:
         """The operator Dataset of one family state (or of any gamma in its cone)."""
         return _mod("model").family_operator(self._ds, state, gamma=gamma)
 
-    def save(self, path, *, overwrite: bool = False) -> str:
-        """Validate and write atomically as a Zarr v3 store."""
-        return _mod("io.store").save_store(self._ds, path, overwrite=overwrite)
+    def save(self, path, *, overwrite: bool = False, group: str | None = None) -> str:
+        """Validate and write atomically as a Zarr v3 store (:func:`pcmx.io.store.save_store`),
+        or as ``group`` inside a Zarr hierarchy (e.g. ``"pcmx/operator"`` of an OME-Zarr)."""
+        return _mod("io.store").save_store(self._ds, path, overwrite=overwrite, group=group)
 
     def blur(self, image, **kwargs):
         """Apply this operator to an image (product-convolution, paper Prop. 1)."""
         return _mod("operator").blur(image, self._ds, **kwargs)
 
+    @property
+    def plot(self) -> PcmxPlotNamespace:
+        """Figures of this store (:mod:`pcmx.plot`): ``ds.pcmx.plot.psf_grid()``, ..."""
+        return PcmxPlotNamespace(self._ds)
+
     def summary(self) -> str:
         """The text ``pcmx info`` prints (:func:`pcmx.io.store.describe_store`)."""
         return _mod("io.store").describe_store(self._ds)
+
+
+class PcmxPlotNamespace:
+    """``ds.pcmx.plot``: the :mod:`pcmx.plot` figures of one Dataset (stateless; each method
+    takes the function's keywords and returns the matplotlib Figure)."""
+
+    def __init__(self, ds: xr.Dataset) -> None:
+        self._ds = ds
+
+    def psf_grid(self, n: int = 5, **kwargs):
+        """PSFs over the field with the beads (:func:`pcmx.plot.psf_grid`)."""
+        return _mod("plot").psf_grid(self._ds, n, **kwargs)
+
+    def plot_basis(self, **kwargs):
+        """The basis h_i and maps, each on its own scale (:func:`pcmx.plot.plot_basis`)."""
+        return _mod("plot").plot_basis(self._ds, **kwargs)
+
+    def field_maps(self, n: int = 16, **kwargs):
+        """FWHM, ellipticity, orientation (and cross-validated error) over the field
+        (:func:`pcmx.plot.field_maps`)."""
+        return _mod("plot").field_maps(self._ds, n, **kwargs)
+
+    def family_states(self, **kwargs):
+        """A family's states side by side (:func:`pcmx.plot.family_states`)."""
+        return _mod("plot").family_states(self._ds, **kwargs)
+
+    def deblur_panel(self, image=None, **kwargs):
+        """A restoration next to its image (:func:`pcmx.plot.deblur_panel`)."""
+        return _mod("plot").deblur_panel(self._ds, image, **kwargs)
+
+    def plot_validation(self, **kwargs):
+        """The held-out beads' errors (:func:`pcmx.plot.plot_validation`)."""
+        return _mod("plot").plot_validation(self._ds, **kwargs)
 
 
 @xr.register_dataarray_accessor("pcmx")

@@ -82,16 +82,24 @@ def main(argv=None) -> int:
         learned = learn_operator(paths[0])
         pcmx.save_store(learned, os.path.join(out, "operator.zarr"))
         stores.append("operator.zarr")
-        fig = plt.figure(figsize=(12, 6))
+        # one window (the smaller kernel's) and one colour scale for both
+        window = min(float(abs(op["psf_basis"]["ky"]).max()) for op in (truth, learned))
+        fig = plt.figure(figsize=(14, 6), layout="constrained")
         a, b = fig.subplots(1, 2)
-        plot.psf_grid(truth, ax=a)
-        a.set_title("true PSFs")
-        plot.psf_grid(learned, ax=b)
-        b.set_title("learned PSFs")
+        plot.psf_grid(truth, window=window, ax=a, beads=False)
+        a.set_title(f"true PSFs (tiles ±{window:.3g} µm)")
+        plot.psf_grid(learned, window=window, ax=b)
+        b.set_title(f"learned PSFs and the beads (tiles ±{window:.3g} µm)")
+        top = max(ax.get_images()[0].norm.vmax for ax in (a, b))
+        for ax in (a, b):
+            ax.get_images()[0].set_clim(0.0, top)  # the tiles of one axes share their norm
         fig.savefig(os.path.join(out, "operator_psfs.png"), dpi=100, bbox_inches="tight")
         plt.close(fig)
         fig = plot.plot_basis(learned)
         fig.savefig(os.path.join(out, "operator_basis.png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        fig = plot.field_maps(learned)
+        fig.savefig(os.path.join(out, "operator_field_maps.png"), dpi=100, bbox_inches="tight")
         plt.close(fig)
     else:
         learned = truth
@@ -117,6 +125,9 @@ def main(argv=None) -> int:
         fam = learn_family(paths)
         pcmx.save_store(fam, os.path.join(out, "family.zarr"))
         stores.append("family.zarr")
+        fig = plot.family_states(fam)
+        fig.savefig(os.path.join(out, "family_states.png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)
 
         from pcmx.deblur import deblur
         from pcmx.deblur.metrics import score_restoration
@@ -134,17 +145,11 @@ def main(argv=None) -> int:
         score = score_restoration(res["sparse"], sy, sx)
         print(f"    sources found in the sparse part: F1 {score['f1']:.3f}, localisation RMSE "
               f"{score['rmse']:.2f} px ({len(sy)} true sources)")
-        from scipy.ndimage import maximum_filter
-
-        spikes = np.sqrt(maximum_filter(np.clip(res["sparse"].values, 0, None), size=3))  # visible at 100 dpi
-        fig, axes = plt.subplots(1, 3, figsize=(18, 6))
-        for ax, data, title in ((axes[0], scene["image"], "blurred, noisy image"),
-                                (axes[1], spikes, "sparse part (sqrt; circles: true sources)"),
-                                (axes[2], res["smooth"], "smooth part (background)")):
-            ax.imshow(np.asarray(data), cmap="magma")
-            ax.set_title(title)
-            ax.set_axis_off()
-        axes[1].plot(sx, sy, "o", mec="c", mfc="none", ms=7, mew=0.8, alpha=0.7)
+        fig = plot.deblur_panel(res, scene["image"])
+        sparse_ax = next(ax for ax in fig.axes if ax.get_title().startswith("sparse"))
+        sparse_ax.plot(sx * (px or 1.0), sy * (px or 1.0), "o", mec="w", mfc="none", ms=5, mew=0.5,
+                       alpha=0.7, label="true sources")
+        sparse_ax.legend(fontsize=7, loc="lower right")
         fig.savefig(os.path.join(out, "deblurring.png"), dpi=100, bbox_inches="tight")
         plt.close(fig)
 

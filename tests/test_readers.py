@@ -89,3 +89,76 @@ def test_deblur_all_is_importable():
 
     missing = [n for n in d.__all__ if not hasattr(d, n)]
     assert missing == []
+
+
+# -- issue 14: channels and time points, globs stacked in natural order with a z step ------------
+def _ome_zarr(path, data, axes, channels=None):
+    import zarr
+
+    root = zarr.open_group(path, mode="w-", zarr_format=3)
+    ms = {"axes": [{"name": a, "type": {"c": "channel", "t": "time"}.get(a, "space"),
+                    **({"unit": "micrometer"} if a in "zyx" else {})} for a in axes],
+          "datasets": [{"path": "0", "coordinateTransformations": [
+              {"type": "scale", "scale": [1.0 if a in "ct" else 0.1 for a in axes]}]}]}
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [ms],
+                         **({"omero": {"channels": [{"label": c} for c in channels]}} if channels else {})}
+    root.create_array("0", shape=data.shape, dtype=data.dtype)[...] = data
+    return str(path)
+
+
+@pytest.fixture
+def two_channels(tmp_path):
+    data = np.stack([np.full((2, 8, 8), 10 * (c + 1), np.uint16) for c in range(2)])  # c, z, y, x
+    return _ome_zarr(tmp_path / "img.ome.zarr", data, "czyx", channels=["DAPI", "GFP"])
+
+
+def test_ome_zarr_channel_dropped_with_a_warning(two_channels):
+    with pytest.warns(pcmx.io.readers.PcmxWarning, match=r"channel 0 \('DAPI'\) of 2 kept, the other 1 "
+                                                          r"dropped; choose one with channel="):
+        img = pcmx.read_image(two_channels)
+    assert img.dims == ("z", "y", "x") and int(img.max()) == 10
+
+
+@pytest.mark.parametrize("channel", [1, "1", "GFP"])
+def test_ome_zarr_channel_chosen(two_channels, channel):
+    img = pcmx.read_image(two_channels, channel=channel)  # no warning (filterwarnings=error)
+    assert int(img.max()) == 20
+    np.testing.assert_allclose(float(img["x"][1] - img["x"][0]), 0.1)
+
+
+@pytest.mark.parametrize("channel, message", [
+    (2, r"channel 2 is out of range; the channels are 0 \('DAPI'\), 1 \('GFP'\)"),
+    ("RFP", r"no channel 'RFP'; the channels are 0 \('DAPI'\), 1 \('GFP'\)")])
+def test_ome_zarr_channel_out_of_range_lists_the_channels(two_channels, channel, message):
+    with pytest.raises(InputError, match=message):
+        pcmx.read_image(two_channels, channel=channel)
+
+
+def test_time_series_dropped_with_a_warning_or_chosen(tmp_path):
+    data = np.stack([np.full((8, 8), t + 1, np.float32) for t in range(3)])
+    path = _ome_zarr(tmp_path / "t.ome.zarr", data, "tyx")
+    with pytest.warns(pcmx.io.readers.PcmxWarning, match="time 0 of 3 kept, the other 2 dropped"):
+        pcmx.read_image(path)
+    assert float(pcmx.read_image(path, time=2).max()) == 3
+    with pytest.raises(InputError, match="no channel axis"):
+        pcmx.read_image(path, channel=1)
+
+
+def test_imagej_hyperstack_channel(tmp_path):
+    data = np.stack([np.full((3, 16, 16), c + 1, np.uint16) for c in range(2)], axis=1)  # z c y x
+    path = tmp_path / "h.tif"
+    tifffile.imwrite(path, data, imagej=True, metadata={"axes": "ZCYX"})
+    with pytest.warns(pcmx.io.readers.PcmxWarning, match="channel 0 of 2 kept"):
+        assert pcmx.read_image(path, pixel_size="100nm").shape == (3, 16, 16)
+    assert int(pcmx.read_image(path, pixel_size="100nm", channel=1).max()) == 2
+
+
+def test_glob_is_stacked_in_natural_order_with_the_z_step(tmp_path):
+    for z in (1, 2, 10):
+        tifffile.imwrite(tmp_path / f"plane_z{z}.tif", np.full((8, 8), z, np.uint16),
+                         imagej=True, resolution=(10.0, 10.0), metadata={"unit": "um"})
+    img = pcmx.read_image(str(tmp_path / "plane_z*.tif"), z_step="200nm")
+    assert img[:, 0, 0].values.tolist() == [1, 2, 10]  # not z1, z10, z2
+    np.testing.assert_allclose(np.diff(img["z"].values), 0.2)
+    with pytest.warns(pcmx.io.readers.PcmxWarning, match="unknown z step; give it with z_step="):
+        pcmx.read_image(str(tmp_path / "plane_z*.tif"))

@@ -184,3 +184,67 @@ def test_fsspec_memory_url(operator_ds):
     np.testing.assert_array_equal(ds["psf_basis"].values, operator_ds["psf_basis"].values)
     with pytest.raises(StoreExistsError):
         pcmx.save_store(operator_ds, url)
+
+
+# -- issue 14: consolidated metadata, groups, OME-Zarr hierarchies --------------------------------
+def test_plain_open_zarr_is_silent(tmp_path, operator_ds):
+    path = tmp_path / "op.zarr"
+    pcmx.save_store(operator_ds, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # xarray's "Failed to open ... consolidated metadata"
+        plain = xr.open_zarr(path)
+    assert plain["psf_basis"].dims == ("component", "ky", "kx")
+    assert json.loads((path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+
+
+def _ome_image(path):
+    import zarr
+
+    root = zarr.open_group(path, mode="w-", zarr_format=3)
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "y"}, {"name": "x"}],
+                                                            "datasets": [{"path": "0"}]}]}
+    root.create_array("0", shape=(8, 8), dtype="uint16")
+    return path
+
+
+def test_accessor_saves_into_a_group_of_an_ome_zarr(tmp_path, operator_ds):
+    image = _ome_image(tmp_path / "img.ome.zarr")
+    assert operator_ds.pcmx.save(image, group="pcmx/operator") == str(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = xr.open_zarr(image, group="pcmx/operator")
+    assert plain.attrs["pcmx_type"] == "operator"
+    ds = pcmx.open_store(image, group="pcmx/operator", kind="operator")
+    np.testing.assert_array_equal(ds["coefficients"].values, operator_ds["coefficients"].values)
+    with pytest.raises(StoreExistsError, match="already exists"):
+        operator_ds.pcmx.save(image, group="pcmx/operator")
+    operator_ds.pcmx.save(image, group="pcmx/operator", overwrite=True)
+    assert sorted(p.name for p in (image / "pcmx").iterdir()) == ["operator", "zarr.json"]
+    from pcmx.io.store import find_stores
+
+    assert find_stores(image) == [("pcmx/operator", "operator")]
+
+
+def test_opening_an_ome_zarr_names_the_pcmx_groups_inside(tmp_path, operator_ds):
+    image = _ome_image(tmp_path / "img.ome.zarr")
+    with pytest.raises(StoreError, match="not a pcmx store; no pcmx store inside it"):
+        pcmx.open_store(image)
+    operator_ds.pcmx.save(image, group="pcmx/operator")
+    with pytest.raises(StoreError, match=r"pcmx stores inside it: 'pcmx/operator' \(operator\)"):
+        pcmx.open_store(image)
+    with pytest.raises(StoreError, match=r"no group 'pcmx/nope'; pcmx stores inside it"):
+        pcmx.open_store(image, group="pcmx/nope")
+
+
+@pytest.mark.parametrize("group", ["", "../x", "a/.hidden"])
+def test_group_must_be_a_path_of_names(tmp_path, operator_ds, group):
+    with pytest.raises(StoreError, match="give a path of group names"):
+        pcmx.save_store(operator_ds, tmp_path / "img.zarr", group=group)
+
+
+def test_group_refused_in_a_zarr_v2_hierarchy(tmp_path, operator_ds):
+    import zarr
+
+    zarr.open_group(tmp_path / "v2.zarr", mode="w-", zarr_format=2)
+    with pytest.raises(StoreError, match="Zarr v2 hierarchy"):
+        pcmx.save_store(operator_ds, tmp_path / "v2.zarr", group="pcmx/operator")

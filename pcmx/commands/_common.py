@@ -30,7 +30,7 @@ import shutil
 from ..errors import InputError, PcmxError, StoreError, StoreExistsError
 
 __all__ = ["int_at_least", "real", "check_output", "check_distinct", "Outputs", "open_input_store",
-           "worded"]
+           "worded", "store_target", "add_channel_arguments"]
 
 
 # -- argument types (argparse reports their errors as "argument --OPTION: MESSAGE") -------------
@@ -150,6 +150,42 @@ def check_output(path: str, option: str, *, kind: str, overwrite: bool) -> str:
     return path
 
 
+def store_target(path: str, group: str | None, option: str = "--output") -> str:
+    """The directory a store output is written to: ``path``, or its ``group`` (``--group``).
+
+    With a group, ``path`` must be an existing local Zarr v3 hierarchy (e.g. an OME-Zarr 0.5
+    image); the groups above ``group`` are created where missing, and the group itself is
+    then written all-or-nothing like a store (:meth:`Outputs.store` with ``root``).
+
+    Raises
+    ------
+    InputError
+        ``path`` is a URL or does not exist, or cannot hold the group (the message says why).
+    """
+    if group is None:
+        return path
+    from ..io.store import group_dir
+
+    if _is_url(path):
+        raise InputError(f"{option} {path}: --group is for local Zarr hierarchies")
+    if not os.path.isdir(_local(path)):
+        raise InputError(f"{option} {path}: no such Zarr; --group writes inside an existing Zarr "
+                         "(e.g. an OME-Zarr image)")
+    try:
+        return group_dir(_local(path), group, create=True)
+    except StoreError as exc:
+        raise InputError(f"{option} {path} --group {group}: {exc}") from None
+
+
+def add_channel_arguments(parser) -> None:
+    """``--channel`` and ``--time``: one channel and time point of a multi-axis image."""
+    parser.add_argument("--channel", default=None,
+                        help="channel of a multi-channel image (OME-Zarr, ImageJ hyperstack): an "
+                             "index or a name (default: the first, with a warning)")
+    parser.add_argument("--time", type=int_at_least(0), default=None,
+                        help="time point of a time series (default: the first, with a warning)")
+
+
 def check_distinct(targets) -> None:
     """Refuse two outputs at one path (``[("--output", path), ("--store", path), ...]``)."""
     seen: dict[str, str] = {}
@@ -193,6 +229,7 @@ class Outputs:
         self._stack = contextlib.ExitStack()
         self._staged: list[tuple[str, str]] = []  # (final, temporary)
         self._created: list[str] = []  # directories made by directory()
+        self._roots: list[str] = []  # Zarr hierarchies whose metadata to consolidate at the end
 
     def __enter__(self) -> Outputs:
         from ..io.atomic import clean_leftovers, writer_lock
@@ -237,17 +274,21 @@ class Outputs:
         write_tiff(self._temporary(final), data, pixel_size_um, z_step_um=z_step_um)
         return final
 
-    def store(self, final: str, ds, *, overwrite: bool = False) -> str:
+    def store(self, final: str, ds, *, overwrite: bool = False, root: str | None = None) -> str:
         """Stage a store (:func:`pcmx.io.store.save_store`: validated, complete) for ``final``.
 
         A URL (fsspec) is written at once by :func:`save_store` with ``overwrite``: object
-        stores have no atomic rename, so it is not part of the all-or-nothing set.
+        stores have no atomic rename, so it is not part of the all-or-nothing set. ``final``
+        may be a group inside the Zarr hierarchy ``root`` (:func:`store_target`): the root's
+        consolidated metadata is rewritten once everything is in place.
         """
         from ..io.store import save_store
 
         if _is_url(final):
             return save_store(ds, final, overwrite=overwrite)
         save_store(ds, self._temporary(_local(final)))
+        if root is not None:
+            self._roots.append(root)
         return final
 
     # -- the end ----------------------------------------------------------------------------
@@ -310,10 +351,16 @@ class Outputs:
             if previous is not None:
                 _remove(previous)
         self._created.clear()
+        if self._roots:
+            from ..io.store import consolidate
+
+            for root in self._roots:
+                consolidate(_local(root))
+            self._roots.clear()
 
 
 # -- inputs -----------------------------------------------------------------------------------
-def open_input_store(path: str, kind: str):
+def open_input_store(path: str, kind: str, group: str | None = None):
     """Open a pcmx store of ``kind`` and read all its variables, naming what cannot be read.
 
     Returns
@@ -330,7 +377,7 @@ def open_input_store(path: str, kind: str):
     from ..io.store import open_store
 
     try:
-        ds = open_store(path, kind=kind)
+        ds = open_store(path, kind=kind, group=group)
     except PcmxError:
         raise
     except Exception as exc:  # noqa: BLE001  (a codec's error on a small variable read to validate)

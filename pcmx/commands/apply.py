@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InputError
+from ._common import add_channel_arguments
 
 NAME = "apply"
 HELP = "blur an image with an operator store (product-convolution H u)"
@@ -24,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="operator store (Zarr) written by pcmx")
     parser.add_argument("image", help="image: TIFF (2D or z-stack) or Zarr/OME-Zarr")
     parser.add_argument("--output", "-o", required=True, help="output TIFF (float32)")
+    parser.add_argument("--group", default=None,
+                        help="the operator is this group of the Zarr STORE (e.g. pcmx/operator "
+                             "inside an OME-Zarr image)")
+    add_channel_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--nan", choices=("raise", "mask"), default="raise",
                         help="NaN or infinite pixels in the image: refuse them (raise, default) or "
@@ -44,10 +49,11 @@ def run(args) -> int:
 
     out = check_output(args.output, "--output", kind="tiff", overwrite=args.overwrite)
     with Outputs(lock=[out]) as outputs:
-        operator = ProductConvolution(open_input_store(args.store, "operator"), boundary=args.boundary)
+        operator = ProductConvolution(open_input_store(args.store, "operator", args.group), boundary=args.boundary)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PcmxWarning)  # pixel units are fine for blurring
-            image = read_image(args.image)
+            warnings.filterwarnings("ignore", ".*no pixel size", PcmxWarning)  # pixel units are fine for blurring
+            with worded(image=args.image, options={"channel": "--channel", "time": "--time"}):
+                image = read_image(args.image, channel=args.channel, time=args.time)
         if image.shape != operator.shape:
             raise InputError(
                 f"{args.image}: image shape {tuple(image.shape)} does not match the operator's grid "

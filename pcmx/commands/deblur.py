@@ -21,7 +21,7 @@ import argparse
 import os
 
 from ..errors import InputError
-from ._common import int_at_least, real
+from ._common import add_channel_arguments, int_at_least, real
 
 NAME = "deblur"
 HELP = "blind Sparse+Smooth deblurring with a family, or with a known operator (paper App. D)"
@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept a pixel size outside 1 nm - 100 um (other optics, e.g. a "
                              "telescope's image-plane pixels)")
     parser.add_argument("--store", default=None, help="also write the whole result as a Zarr store")
+    parser.add_argument("--group", default=None,
+                        help="write --store as this group inside that existing Zarr (e.g. "
+                             "pcmx/restoration inside an OME-Zarr image)")
+    parser.add_argument("--input-group", default=None,
+                        help="the --family / --operator store is this group of its Zarr (e.g. "
+                             "pcmx/family)")
+    add_channel_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
@@ -57,7 +64,7 @@ def output_paths(out: str) -> dict:
     return {"restored": out, "sparse": f"{root}_sparse{ext}", "smooth": f"{root}_smooth{ext}"}
 
 
-_OPTIONS = {"n_sources": "--sources", "gamma1": "--gamma1",
+_OPTIONS = {"channel": "--channel", "time": "--time", "n_sources": "--sources", "gamma1": "--gamma1",
             "gamma2": "--gamma2", "max_iter": "--max-iter", "offset": "--offset"}
 # advice of the bead detector naming an option deblur does not have
 _REPLACE = {"; lower the threshold": "; blind identification needs isolated point sources in "
@@ -73,24 +80,37 @@ def run(args) -> int:
     from ..io.readers import PcmxWarning, read_image
     from ..provenance import sha256_file
     from ..units import pixel_size
-    from ._common import Outputs, check_distinct, check_output, open_input_store, worded
+    from ._common import (
+        Outputs,
+        check_distinct,
+        check_output,
+        open_input_store,
+        store_target,
+        worded,
+    )
 
     if args.operator is not None and args.sources is not None:
         raise InputError("--sources is for blind identification with --family, not with --operator")
     paths = output_paths(args.output)
     targets = [("--output", check_output(p, "--output", kind="tiff", overwrite=args.overwrite))
                for p in paths.values()]
+    if args.group is not None and args.store is None:
+        raise InputError("--group is the group of --store: give --store too")
+    store = None
     if args.store is not None:
-        targets.append(("--store", check_output(args.store, "--store", kind="store",
+        store = store_target(args.store, args.group, "--store")
+        targets.append(("--store", check_output(store, "--store", kind="store",
                                                 overwrite=args.overwrite)))
     check_distinct(targets)
     with Outputs(lock=[p for _, p in targets]) as outputs:
-        family = open_input_store(args.family, "family") if args.family else None
-        operator = open_input_store(args.operator, "operator") if args.operator else None
+        family = open_input_store(args.family, "family", args.input_group) if args.family else None
+        operator = (open_input_store(args.operator, "operator", args.input_group) if args.operator
+                    else None)
         with worded(image=args.image, options=_OPTIONS, replace=_REPLACE):
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PcmxWarning)  # the family/operator gives the pixel size
-                image = read_image(args.image, pixel_size=args.pixel_size)
+                warnings.filterwarnings("ignore", ".*no pixel size", PcmxWarning)  # the store gives it
+                image = read_image(args.image, pixel_size=args.pixel_size, channel=args.channel,
+                                   time=args.time)
             if image.ndim != 2:
                 raise InputError(f"{args.image}: deblurring takes a 2D image, got shape {tuple(image.shape)}")
             image = image.load()
@@ -103,8 +123,9 @@ def run(args) -> int:
         sizes = [pixel_size(ds, d) for d in ("y", "x")]
         for var, path in paths.items():
             outputs.tiff(path, np.asarray(ds[var].values, dtype=np.float32), sizes)
-        if args.store:
-            outputs.store(args.store, ds, overwrite=args.overwrite)
+        if store:
+            outputs.store(store, ds, overwrite=args.overwrite,
+                          root=args.store if args.group else None)
     a = ds.attrs
     ident = (f", identified from {a['pcmx_parameters']['n_sources_used']} sources "
              f"(residual {a['identification_residual']:.3f})" if args.family else "")

@@ -6,7 +6,7 @@ replaced only with ``--overwrite``) and written atomically.
 
 from __future__ import annotations
 
-from ._common import int_at_least, real
+from ._common import add_channel_arguments, int_at_least, real
 
 NAME = "learn"
 HELP = "learn the space-varying operator of a microscope from one bead image or z-stack (paper II-C)"
@@ -16,6 +16,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("image", help="2D bead image or 3D z-stack of beads in a gel: TIFF, "
                                       "Zarr/OME-Zarr or .npy")
     parser.add_argument("-o", "--output", required=True, help="operator store to write (Zarr)")
+    parser.add_argument("--group", default=None,
+                        help="write the store as this group inside the existing Zarr --output "
+                             "(e.g. pcmx/operator inside an OME-Zarr image)")
     parser.add_argument("--components", type=int_at_least(1), default=None,
                         help="I, size of the PSF basis (default: Gavish-Donoho optimal hard "
                              "threshold for the patches' estimated noise)")
@@ -28,7 +31,8 @@ def add_arguments(parser) -> None:
                              "telescope's image-plane pixels)")
     parser.add_argument("--z-step", default=None,
                         help="distance between the planes of a z-stack, e.g. 200nm, when the "
-                             "file lacks it")
+                             "file lacks it or a glob of 2D files is stacked")
+    add_channel_arguments(parser)
     parser.add_argument("--threshold", type=real(0, strict=True), default=None, help="detection threshold (default: automatic)")
     parser.add_argument("--background", choices=["global", "local"], default=None,
                         help="background estimator (default: the least biased, see docs/background.md)")
@@ -57,12 +61,26 @@ _OPTIONS = {"n_components": "--components",
             "folds": "--folds"}
 
 
+def _inputs(pattern: str) -> list:
+    """Provenance records of the files read (a glob's, in the order stacked)."""
+    import glob
+    import os
+
+    from ..io.readers import natural_sort
+    from ..provenance import sha256_file
+
+    paths = natural_sort(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    return [{"name": os.path.basename(os.path.normpath(p)),
+             "sha256": sha256_file(p) if os.path.isfile(p) else None} for p in paths]
+
+
 def run(args) -> int:
     from ..errors import InputError
     from ..learn import learn_operator
-    from ._common import Outputs, check_output, worded
+    from ._common import Outputs, check_output, store_target, worded
 
-    out = check_output(args.output, "--output", kind="store", overwrite=args.overwrite)
+    out = check_output(store_target(args.output, args.group), "--output", kind="store",
+                       overwrite=args.overwrite)
     radius = args.psf_radius
     if radius is not None:
         if len(radius) not in (1, 3):
@@ -70,13 +88,26 @@ def run(args) -> int:
                              "three (r_z r_y r_x) for a z-stack")
         radius = radius[0] if len(radius) == 1 else tuple(radius)
     with Outputs(lock=[out]) as outputs:
+        image, z_step = args.image, args.z_step
+        stacked = any(c in args.image for c in "*?[")
+        if stacked or args.channel is not None or args.time is not None:
+            from ..io.readers import read_image
+
+            with worded(image=args.image, options={"z_step": "--z-step", "channel": "--channel",
+                                                   "time": "--time"}):
+                image = read_image(args.image, pixel_size=args.pixel_size, channel=args.channel,
+                                   time=args.time, z_step=z_step if stacked else None)
+            z_step = None if stacked else z_step
         with worded(image=args.image, options=_OPTIONS):
-            ds = learn_operator(args.image, n_components=args.components, psf_radius=radius,
-                                pixel_size=args.pixel_size, z_step=args.z_step,
+            ds = learn_operator(image, n_components=args.components, psf_radius=radius,
+                                pixel_size=args.pixel_size, z_step=z_step,
                                 threshold=args.threshold, background=args.background, eta=args.eta,
                                 realism=args.realism, validate=args.validate, folds=args.folds,
                                 select=args.select)
-        outputs.store(out, ds, overwrite=args.overwrite)
+        if not isinstance(image, str):
+            ds.attrs["pcmx_inputs"] = _inputs(args.image)
+        outputs.store(out, ds, overwrite=args.overwrite,
+                      root=args.output if args.group else None)
     p = ds.attrs["pcmx_parameters"]
     c = p["counts"]
     print(f"{args.output}: I={p['n_components']} components, r={p['psf_radius']} px, "

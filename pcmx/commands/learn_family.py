@@ -23,6 +23,9 @@ HELP = "learn a family of operators from bead images under varying conditions (p
 def add_arguments(parser) -> None:
     parser.add_argument("images", nargs="+", help="2D bead images (TIFF/Zarr/.npy) or globs; one state each")
     parser.add_argument("-o", "--output", required=True, help="family store to write (Zarr)")
+    parser.add_argument("--group", default=None,
+                        help="write the store as this group inside the existing Zarr --output "
+                             "(e.g. pcmx/family inside an OME-Zarr image)")
     parser.add_argument("--components", type=int_at_least(1), default=None, help="I, size of the shared PSF basis (default: Gavish-Donoho optimal hard threshold for the patches' estimated noise)")
     parser.add_argument("--modes", type=int_at_least(1), default=None,
                         help="J (default: by --mode-rule)")
@@ -95,10 +98,11 @@ def run(args) -> int:
 
     from ..errors import InputError
     from ..family import learn_family
-    from ..io.readers import read_image
-    from ._common import Outputs, check_output, worded
+    from ..io.readers import natural_sort, read_image
+    from ._common import Outputs, check_output, store_target, worded
 
-    out = check_output(args.output, "--output", kind="store", overwrite=args.overwrite)
+    out = check_output(store_target(args.output, args.group), "--output", kind="store",
+                       overwrite=args.overwrite)
     if args.checkpoint is not None:
         if not args.checkpoint.strip():
             raise InputError("--checkpoint '': an empty path; give the checkpoint directory")
@@ -106,7 +110,7 @@ def run(args) -> int:
             check_output(args.checkpoint, "--checkpoint", kind="directory", overwrite=True)
     paths = []
     for item in args.images:
-        found = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        found = natural_sort(glob.glob(item)) if any(c in item for c in "*?[") else [item]
         if not found:
             raise InputError(f"{item}: no files match")
         paths += found
@@ -150,7 +154,7 @@ def run(args) -> int:
                 cluster.close()
         for w in caught:
             print(f"pcmx {NAME}: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
-        outputs.store(out, ds, overwrite=args.overwrite)
+        outputs.store(out, ds, overwrite=args.overwrite, root=args.output if args.group else None)
     shutil.rmtree(checkpoint, ignore_errors=True)
     p = ds.attrs["pcmx_parameters"]
     sv = ds["map_singular_values"].values[: p["n_modes"] + 2]

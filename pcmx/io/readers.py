@@ -19,7 +19,7 @@ import xarray as xr
 from ..errors import InputError
 from ..units import parse_length, spatial_coords, ureg
 
-__all__ = ["PcmxWarning", "read_image", "as_image"]
+__all__ = ["PcmxWarning", "read_image", "as_image", "natural_sort"]
 
 
 class PcmxWarning(UserWarning):
@@ -108,7 +108,7 @@ def _check_tiff_complete(tif, path: str, log: _TiffLog) -> None:
             raise ValueError(f"image data ends at byte {max(ends)} but the file has {size} bytes")
 
 
-def _read_tiff(path: str) -> tuple[np.ndarray, tuple]:
+def _read_tiff(path: str, channel=None, time=None) -> tuple[np.ndarray, tuple]:
     """Every failure is an :class:`InputError` naming the file, chained from the parser's error
     (tifffile raises IndexError, struct.error, zlib.error... on corrupt or truncated files)."""
     import tifffile
@@ -122,6 +122,8 @@ def _read_tiff(path: str) -> tuple[np.ndarray, tuple]:
             _check_tiff_complete(tif, path, log)
             sizes = _tiff_pixel_size(tif)
             samples = int(getattr(tif.pages[0], "samplesperpixel", 1) or 1)
+            axes = str(tif.series[0].axes) if tif.series else ""
+            names = _imagej_channel_names(tif)
     except MemoryError as exc:
         raise InputError(
             f"cannot read {path}: not enough memory for the image its header describes "
@@ -136,7 +138,71 @@ def _read_tiff(path: str) -> tuple[np.ndarray, tuple]:
         tiff_logger.removeHandler(log)
     if samples > 1:  # RGB(A) or other interleaved channels: the last axis
         raise InputError(_channels_message(path, data.shape, samples))
+    legacy = len(axes) == 3 and channel is None and time is None  # tifffile writes stacks as CYX
+    if len(axes) == data.ndim and ("C" in axes or "T" in axes) and not legacy:
+        return _select(data, [_TIFF_AXES.get(a, a.lower()) for a in axes], path, channel, time,
+                       names), sizes
+    if channel not in (None, 0) or time not in (None, 0):
+        _no_axis(path, "channel" if channel not in (None, 0) else "time")
     return data, sizes
+
+
+_TIFF_AXES = {"C": "c", "T": "t", "Z": "z", "Y": "y", "X": "x"}
+
+
+def _imagej_channel_names(tif) -> list[str] | None:
+    ij = tif.imagej_metadata if tif.is_imagej else None
+    labels = (ij or {}).get("Labels")
+    return [str(v) for v in labels] if isinstance(labels, (list, tuple)) else None
+
+
+def _no_axis(source: str, what: str) -> None:
+    option = "channel= (--channel)" if what == "channel" else "time= (--time)"
+    raise InputError(f"{source}: the image has no {what} axis; {option} is for images with several")
+
+
+def _pick(source: str, what: str, value, size: int, names: list[str] | None) -> int:
+    """The index of ``value`` (an index or a channel name) on an axis of ``size``."""
+    listed = ", ".join(f"{i}" + (f" ({names[i]!r})" if names and i < len(names) else "")
+                       for i in range(size))
+    option = "channel= (--channel)" if what == "channel" else "time= (--time)"
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        if names and value in names[:size]:
+            return names.index(value)
+        raise InputError(f"{source}: no {what} {value!r}; the {what}s are {listed} (give one "
+                         f"to {option})")
+    index = int(value)
+    if not 0 <= index < size:
+        raise InputError(f"{source}: {what} {index} is out of range; the {what}s are {listed} "
+                         f"(give one to {option})")
+    return index
+
+
+def _select(data, axes: list[str], source: str, channel, time, names=None):
+    """Reduce a multi-axis image to its z/y/x axes: the given (or the first) channel and time
+    point, with a :class:`PcmxWarning` naming what was dropped when no choice was given."""
+    index, dropped = [], []
+    for ax, size in zip(axes, data.shape, strict=True):
+        if ax in ("z", "y", "x"):
+            index.append(slice(None))
+            continue
+        what = {"c": "channel", "t": "time"}.get(ax, f"axis {ax!r}")
+        given = channel if ax == "c" else time if ax == "t" else None
+        if given is not None:
+            index.append(_pick(source, what, given, size, names if ax == "c" else None))
+            continue
+        index.append(0)
+        if size > 1:
+            label = f" ({names[0]!r})" if ax == "c" and names else ""
+            choose = {"c": "; choose one with channel= (--channel)",
+                      "t": "; choose one with time= (--time)"}.get(ax, "")
+            dropped.append(f"{what} 0{label} of {size} kept, the other {size - 1} dropped{choose}")
+    for ax, given in (("c", channel), ("t", time)):
+        if given is not None and ax not in axes:
+            _no_axis(source, "channel" if ax == "c" else "time")
+    if dropped:
+        warnings.warn(f"{source}: " + "; ".join(dropped), PcmxWarning, stacklevel=4)
+    return data[tuple(index)]
 
 
 def _channels_message(source: str, shape: tuple, channels: int) -> str:
@@ -186,50 +252,92 @@ def _finish(data, sizes, source: str, pixel_size, *, name="image") -> xr.DataArr
                         attrs={"source": os.path.basename(str(source))})
 
 
-def read_image(path, *, pixel_size=None, name: str = "image") -> xr.DataArray:
+def _natural_key(path: str):
+    """Sort key comparing the runs of digits as numbers (``z2`` before ``z10``)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path)]
+
+
+def natural_sort(paths) -> list[str]:
+    """``paths`` sorted with their numbers compared as numbers (``z2`` before ``z10``): the
+    order in which :func:`read_image` stacks a glob."""
+    return sorted((os.fspath(p) for p in paths), key=_natural_key)
+
+
+def read_image(path, *, pixel_size=None, name: str = "image", channel: int | str | None = None,
+               time: int | None = None, z_step=None) -> xr.DataArray:
     """Read a bead image or z-stack.
 
     Parameters
     ----------
     path : str, path-like, or sequence of them
         A TIFF (``.tif``/``.tiff``, 2D or a 3D stack), a Zarr/OME-Zarr (the first multiscale
-        level) or ``.npy``; a glob or a list of 2D files is stacked along ``z`` in order.
+        level) or ``.npy``; a glob or a list of 2D files is stacked along ``z``: a glob in
+        natural order (numbers compared as numbers: ``z2`` before ``z10``), a list as given.
     pixel_size : str, optional
         e.g. ``"65nm"``; overrides the file's lateral pixel size (a list gives one per axis).
+    channel : int or str, optional
+        The channel of a multi-channel OME-Zarr or ImageJ hyperstack: an index or a channel
+        name. Without it the first is taken, with a :class:`PcmxWarning` naming what was
+        dropped.
+    time : int, optional
+        The time point of a time series (likewise, the first by default, with a warning).
+    z_step : str or float, optional
+        The distance between the planes when a glob or list becomes a z-stack (e.g.
+        ``"200nm"``; a number is in micrometres); without it the z coordinates are plane
+        indices, with a :class:`PcmxWarning` for a glob.
 
     Raises
     ------
     InputError
-        The file is missing or unreadable, or the image is not 2D/3D.
+        The file is missing or unreadable, the image is not 2D/3D, or ``channel``/``time``
+        is out of range (the message lists the channels) or the image has no such axis.
     """
     if isinstance(path, (list, tuple)) or (isinstance(path, str) and any(c in path for c in "*?[")):
-        paths = sorted(glob.glob(path)) if isinstance(path, str) else [os.fspath(p) for p in path]
+        if isinstance(path, str):
+            paths = natural_sort(glob.glob(path))
+        else:
+            paths = [os.fspath(p) for p in path]
         if not paths:
             raise InputError(f"{path}: no files match")
         planes, sizes = [], None
         for p in paths:
-            d, s = _read_any(p)
+            d, s = _read_any(p, channel, time)
+            d = np.squeeze(np.asarray(d))
             if d.ndim != 2:
                 raise InputError(f"{p}: expected a 2D plane to stack, got shape {d.shape}")
             if planes and d.shape != planes[0].shape:
                 raise InputError(f"{p}: shape {d.shape} differs from {planes[0].shape} of {paths[0]}")
             planes.append(d)
             sizes = sizes or s
-        return _finish(np.stack(planes), (None, *sizes[-2:]), paths[0], pixel_size, name=name)
-    data, sizes = _read_any(os.fspath(path))
+        sizes = tuple(sizes or (None, None))
+        dz = None
+        if z_step is not None:
+            dz = float(z_step) if isinstance(z_step, (int, float)) else parse_length(z_step, name="z_step")
+        elif len(planes) > 1 and isinstance(path, str):  # a list: the order and step are the caller's
+            warnings.warn(f"{path}: {len(planes)} files stacked along z in natural order "
+                          f"({os.path.basename(paths[0])} ... {os.path.basename(paths[-1])}) with an "
+                          "unknown z step; give it with z_step= (--z-step), e.g. '200nm'",
+                          PcmxWarning, stacklevel=2)
+        return _finish(np.stack(planes), (dz, *sizes[-2:]), paths[0], pixel_size, name=name)
+    if z_step is not None:
+        raise InputError(f"z_step={z_step!r}: for a glob or list of 2D files stacked along z; a "
+                         "single file's z step comes from its metadata or pixel_size")
+    data, sizes = _read_any(os.fspath(path), channel, time)
     return _finish(data, sizes, os.fspath(path), pixel_size, name=name)
 
 
-def _read_any(path: str):
+def _read_any(path: str, channel=None, time=None):
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     low = path.lower().rstrip("/")
     if low.endswith((".tif", ".tiff")):
-        return _read_tiff(path)
+        return _read_tiff(path, channel, time)
+    if os.path.isdir(path):
+        return _read_zarr(path, channel, time)
+    if channel not in (None, 0) or time not in (None, 0):
+        _no_axis(path, "channel" if channel not in (None, 0) else "time")
     if low.endswith(".npy"):
         return _read_npy(path), None
-    if os.path.isdir(path):
-        return _read_zarr(path)
     raise InputError(f"{path}: unknown image format (TIFF, Zarr/OME-Zarr or .npy expected)")
 
 
@@ -250,7 +358,7 @@ def _read_npy(path: str) -> np.ndarray:
         raise InputError(f"cannot read {path}: not a valid .npy file (truncated or corrupt): {cause}") from exc
 
 
-def _read_zarr(path: str):
+def _read_zarr(path: str, channel=None, time=None):
     import dask.array as da
     import zarr
 
@@ -258,6 +366,10 @@ def _read_zarr(path: str):
         root = zarr.open(path, mode="r")
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path}: not a TIFF or Zarr image ({exc})") from None
+    if channel not in (None, 0) or time not in (None, 0):
+        if isinstance(root, zarr.Array) or not (dict(root.attrs).get("multiscales")
+                                                or dict(root.attrs).get("ome")):
+            _no_axis(path, "channel" if channel not in (None, 0) else "time")
     if isinstance(root, zarr.Array):
         return da.from_zarr(root), None
     attrs = dict(root.attrs)
@@ -277,9 +389,17 @@ def _read_zarr(path: str):
                 f = _unit_factor(ax.get("unit") if isinstance(ax, dict) else None) or 1.0
                 sizes.append(scale[i] * f if scale else None)
         data = da.from_zarr(arr)
-        keep = [i for i, ax in enumerate(axes) if (ax["name"] if isinstance(ax, dict) else ax) in ("z", "y", "x")]
-        index = tuple(slice(None) if i in keep else 0 for i in range(data.ndim))
-        return data[index], tuple(sizes)
+        kinds = []
+        for ax in axes:
+            name = ax["name"] if isinstance(ax, dict) else ax
+            kind = ax.get("type") if isinstance(ax, dict) else None
+            kinds.append("c" if kind == "channel" or name == "c" else
+                         "t" if kind == "time" or name == "t" else name)
+        omero = attrs.get("omero") or attrs.get("ome", {}).get("omero") or {}
+        names = [str(c.get("label", i)) for i, c in enumerate(omero.get("channels", []))] or None
+        if len(kinds) != data.ndim:
+            kinds = ["?"] * (data.ndim - 3) + ["z", "y", "x"][-min(3, data.ndim):]
+        return _select(data, kinds, path, channel, time, names), tuple(sizes)
     if "image" in root:
         return da.from_zarr(root["image"]), None
     raise InputError(f"{path}: Zarr group without an OME 'multiscales' image or an 'image' array")

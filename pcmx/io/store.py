@@ -28,9 +28,12 @@ from ..units import format_length, pixel_size
 from .atomic import OLD_MARKER, TEMP_MARKER, atomic_dir, leftovers, recover_missing
 from .readers import PcmxWarning
 
-__all__ = ["open_store", "save_store", "is_store", "describe_store"]
+__all__ = ["open_store", "save_store", "is_store", "describe_store", "consolidate", "group_dir",
+           "find_stores"]
 
 _SPATIAL_CHUNK = 1024
+# zarr 3 warns that consolidated metadata is not (yet) in the v3 spec; xarray and zarr read it
+_CONSOLIDATED_WARNING = ".*Consolidated metadata is currently not part in the Zarr format 3"
 
 
 def _is_local(path: str) -> bool:
@@ -53,6 +56,102 @@ def is_store(path) -> bool:
             return "pcmx_type" in json.load(f).get("attributes", {})
     except (OSError, ValueError):
         return False
+
+
+def consolidate(path, group: str | None = None) -> None:
+    """Write the consolidated metadata of the Zarr hierarchy at ``path`` (or of its ``group``).
+
+    Plain ``xarray.open_zarr(path)`` then opens the store without its warning about
+    consolidated metadata and without listing every array. pcmx itself reads the arrays'
+    own metadata (``consolidated=False``), so stale consolidated metadata never misleads it.
+    """
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
+        zarr.consolidate_metadata(path, path=group or "", zarr_format=3)
+
+
+def _to_zarr(ds: xr.Dataset, target: str) -> None:
+    """Write ``ds`` as a new Zarr v3 store at ``target``, with consolidated metadata."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
+        ds.to_zarr(target, mode="w-", zarr_format=3, consolidated=True, encoding=_encoding(ds))
+
+
+def group_dir(path, group: str, *, create: bool = False) -> str:
+    """The local directory of ``group`` inside the Zarr v3 hierarchy at ``path``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local Zarr v3 hierarchy (e.g. an OME-Zarr 0.5 image).
+    group : str
+        ``"pcmx/operator"``: a path of group names separated by ``/``.
+    create : bool
+        Create ``path`` (as an empty group) and the groups above ``group`` where missing.
+
+    Raises
+    ------
+    StoreError
+        ``group`` is not a relative path of names, ``path`` is missing (and ``create`` is
+        False), not a Zarr group, or a Zarr v2 hierarchy (pcmx writes Zarr v3 only; write
+        the store beside it), or a node above ``group`` is an array.
+    """
+    path = _local(os.fspath(path)).rstrip(os.sep)
+    parts = [p for p in str(group).strip("/").split("/") if p]
+    if not parts or any(p in (".", "..") or p.startswith(".") or os.sep in p for p in parts):
+        raise StoreError(f"group {group!r}: give a path of group names, e.g. 'pcmx/operator'")
+    levels = [path] + [os.path.join(path, *parts[:i]) for i in range(1, len(parts))]
+    for level in levels:
+        meta = os.path.join(level, "zarr.json")
+        if os.path.isfile(meta):
+            try:
+                with open(meta) as f:
+                    node = json.load(f).get("node_type")
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"{level}: unreadable zarr.json ({exc})") from None
+            if node != "group":
+                raise StoreError(f"{level}: a Zarr {node}, not a group; cannot hold group {group!r}")
+            continue
+        if os.path.isfile(os.path.join(level, ".zgroup")) or os.path.isfile(os.path.join(level, ".zarray")):
+            raise StoreError(f"{level}: a Zarr v2 hierarchy (e.g. OME-Zarr 0.4); pcmx writes Zarr v3 "
+                             "groups only: write the store beside the image instead")
+        if os.path.exists(level) and (not os.path.isdir(level) or os.listdir(level)):
+            raise StoreError(f"{path}: not a Zarr store (no zarr.json at {level})")
+        if not create:
+            raise StoreError(f"{path}: no Zarr group {os.path.relpath(level, path)!r}"
+                             if level != path else f"{path}: no such store")
+        os.makedirs(level, exist_ok=True)
+        with open(meta, "w") as f:
+            json.dump({"zarr_format": 3, "node_type": "group", "attributes": {}}, f)
+    return os.path.join(path, *parts)
+
+
+def find_stores(path) -> list[tuple[str, str]]:
+    """The pcmx stores inside the Zarr hierarchy at ``path``: ``[(group, pcmx_type), ...]``.
+
+    Walks the groups (not their arrays) through each group's own metadata; a group with a
+    ``pcmx_type`` attribute is a store (its subgroups are not searched). ``""`` is the root.
+    """
+    import zarr
+
+    found = []
+
+    def walk(g, name):
+        kind = g.attrs.get("pcmx_type")
+        if kind is not None:
+            found.append((name, str(kind)))
+            return
+        for key, child in sorted(g.groups()):
+            if not key.startswith("."):
+                walk(child, f"{name}/{key}" if name else key)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # v2/v3 mixtures, unknown nodes: listed as far as readable
+        root = zarr.open_group(os.fspath(path), mode="r", use_consolidated=False)
+        walk(root, "")
+    return found
 
 
 def _with_provenance(ds: xr.Dataset) -> xr.Dataset:
@@ -110,18 +209,25 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
         Replace an existing pcmx store at ``path``. Never replaces something that is not a
         pcmx store.
     group : str, optional
-        Write into a subgroup of an existing Zarr (e.g. ``"pcmx/operator"`` of an OME-Zarr);
-        not atomic at the group level.
+        Write into this group of a local Zarr v3 hierarchy (e.g. ``"pcmx/operator"`` inside an
+        OME-Zarr 0.5 image), created with the groups above it where missing. The group is
+        written atomically like a store; then the consolidated metadata of the whole hierarchy
+        is rewritten, so that ``xarray.open_zarr(path, group=group)`` reads it.
 
     Returns
     -------
     str
         The path written.
 
+    Notes
+    -----
+    Every store is written with consolidated metadata (inside the temporary, before it is
+    put in place), so plain ``xarray.open_zarr(path)`` opens it without a warning.
+
     Raises
     ------
     StoreExistsError
-        ``path`` exists and ``overwrite`` is False.
+        ``path`` (or its ``group``) exists and ``overwrite`` is False.
     SchemaError
         ``ds`` is not a valid pcmx Dataset (nothing is written).
     StoreLockedError
@@ -137,11 +243,13 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
     ds = _with_provenance(ds)
     validate(ds, source=path, require_provenance=True, check_values="in-memory")
     ds = _portable_strings(ds)
+    root = None
     if group is not None:
-        ds.to_zarr(path, group=group, mode="w" if overwrite else "w-", zarr_format=3,
-                   consolidated=False, encoding=_encoding(ds))
-        return path
-    if not _is_local(path):
+        if not _is_local(path):
+            raise StoreError(f"{path}: group= is for local Zarr hierarchies; give the group's URL "
+                             "as the path instead")
+        root, path = _local(path).rstrip(os.sep), group_dir(path, group, create=True)
+    elif not _is_local(path):
         return _save_remote(ds, path, overwrite)
 
     path = _local(path).rstrip(os.sep)
@@ -157,7 +265,7 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
 
     def write(tmp: str) -> None:
         try:
-            ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+            _to_zarr(ds, tmp)
         except (OSError, ValueError, TypeError) as exc:
             raise StoreError(f"{path}: write failed ({type(exc).__name__}: {exc}); nothing changed") from exc
 
@@ -167,6 +275,9 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
         raise
     except OSError as exc:  # the lock file, the swap: the previous store is in place
         raise StoreError(f"{path}: write failed ({type(exc).__name__}: {exc}); nothing changed") from exc
+    if root is not None:
+        consolidate(root)  # plain xr.open_zarr(root, group=...) reads the root's metadata
+        return root
     return path
 
 
@@ -179,7 +290,7 @@ def _save_remote(ds: xr.Dataset, url: str, overwrite: bool) -> str:
     tmp_root = f"{root.rstrip('/')}{TEMP_MARKER}{uuid.uuid4().hex[:8]}"
     tmp_url = url.replace(root.rstrip("/"), tmp_root, 1)
     try:
-        ds.to_zarr(tmp_url, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+        _to_zarr(ds, tmp_url)
         if fs.exists(root):
             fs.rm(root, recursive=True)
         fs.mv(tmp_root, root, recursive=True)
@@ -237,6 +348,8 @@ def open_store(path, *, kind: str | None = None, group: str | None = None,
         raise StoreError(f"{path}: no such store")
     if _is_local(path) and os.path.isfile(_local(path)):
         raise StoreError(f"{path}: not a Zarr store (it is a file)")
+    if _is_local(path):
+        _check_hierarchy(_local(path), group)
     try:
         ds = xr.open_zarr(path, group=group, consolidated=False,
                           chunks={} if chunks == "auto-stored" else chunks)
@@ -251,6 +364,50 @@ def open_store(path, *, kind: str | None = None, group: str | None = None,
             ds.close()
             raise
     return ds
+
+
+def _stores_inside(path: str) -> str:
+    try:
+        found = find_stores(path)
+    except Exception:  # noqa: BLE001  (an unreadable hierarchy: nothing to list)
+        found = []
+    if not found:
+        return "no pcmx store inside it"
+    listed = ", ".join(f"{g or '(root)'!r} ({kind})" for g, kind in found)
+    return f"pcmx stores inside it: {listed}; open one with group= (--group)"
+
+
+def _stores_inside_any(path: str) -> bool:
+    try:
+        return bool(find_stores(path))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _check_hierarchy(path: str, group: str | None) -> None:
+    """Name the pcmx groups of a Zarr hierarchy (e.g. an OME-Zarr) opened at the wrong level."""
+    meta = os.path.join(path, "zarr.json")
+    has_v2 = os.path.isfile(os.path.join(path, ".zgroup"))
+    if not (os.path.isfile(meta) or has_v2):
+        return
+    if group is not None:
+        target = os.path.join(path, *[p for p in str(group).split("/") if p])
+        if not (os.path.isfile(os.path.join(target, "zarr.json"))
+                or os.path.isfile(os.path.join(target, ".zgroup"))):
+            raise StoreError(f"{path}: no group {group!r}; {_stores_inside(path)}")
+        return
+    if is_store(path):
+        return
+    try:
+        with open(meta if not has_v2 else os.path.join(path, ".zattrs")) as f:
+            node = json.load(f)
+    except (OSError, ValueError):
+        node = {"node_type": "group"} if has_v2 else {}
+    attrs = (node if has_v2 else node.get("attributes", {})) if isinstance(node, dict) else {}
+    if (has_v2 or node.get("node_type") == "group") and ("ome" in attrs or "multiscales" in attrs
+                                                         or _stores_inside_any(path)):
+        raise StoreError(f"{path}: a Zarr hierarchy (an OME-Zarr image or another), not a pcmx "
+                         f"store; {_stores_inside(path)}")
 
 
 def describe_store(ds: xr.Dataset, *, status: str = "valid") -> str:
