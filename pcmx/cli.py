@@ -166,7 +166,10 @@ def main(argv=None) -> int:
         try:
             from .options import set_options
 
-            with set_options(any_pixel_size=bool(getattr(args, "any_pixel_size", False))):
+            # progress bars where a step takes a while, on a terminal only (--no-progress: none)
+            progress = sys.stderr.isatty() and not getattr(args, "no_progress", False)
+            with set_options(any_pixel_size=bool(getattr(args, "any_pixel_size", False)),
+                             progress=progress):
                 return int(args._run(args) or 0)
         except PcmxError as exc:
             if args.debug:

@@ -29,6 +29,7 @@ from scipy.ndimage import map_coordinates
 from .beads import bump_multiplier
 from .coefficients import coefficient_maps
 from .errors import InputError
+from .execution import progress_bar
 from .family import gram_matrix, modes_of_gram, realism_of_family
 from .fit import fit_operator, realism_policy
 from .io.readers import as_image
@@ -171,10 +172,12 @@ def cross_validate(image, *, folds: int = 5, seed: int = 0, n_components: int | 
     err = np.full(m, np.nan)
     err_inv = np.full(m, np.nan)
     chosen = []
-    for f in range(folds):
-        test = fold_of == f
-        err[test], err_inv[test], n_i = _single_fold(bp, target, test, fit_options)
-        chosen.append(n_i)
+    with progress_bar(None, folds, "cross-validation", "fold") as bar:
+        for f in range(folds):
+            test = fold_of == f
+            err[test], err_inv[test], n_i = _single_fold(bp, target, test, fit_options)
+            chosen.append(n_i)
+            bar.update(1)
     med, med_inv = float(np.nanmedian(err)), float(np.nanmedian(err_inv))
     # the brightest third of the beads: where the noise does not hide the model's error (on
     # dim beads both errors are the noise's, and tie)
@@ -324,7 +327,9 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
             for name in ("family", "single", "invariant")}
     single_options = {"n_components": n_components, "eta": eta, "realism": policy}
     used_i, used_j = [], []
+    bar = progress_bar(None, folds, "family cross-validation", "fold")
     for f in range(folds):
+        bar.update(1 if f else 0)
         train = [fo != f for fo in fold_of]
         patches = xr.concat([bp.patches.isel(bead=np.flatnonzero(t)) for bp, t in zip(bps, train, strict=True)],
                             dim="bead")
@@ -360,6 +365,8 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
             errs["family"][k][test] = _relative_errors(pred, truth)
             errs["single"][k][test], errs["invariant"][k][test], _ = _single_fold(
                 bp, targets[k], test, single_options)
+    bar.update(1)
+    bar.close()
     bead_state = np.concatenate([np.full(len(bp.positions), k) for k, bp in enumerate(bps)])
     flat = {name: np.concatenate(v) for name, v in errs.items()}
     data = {f"cv_error_{name}": ("bead", v.astype(np.float32)) for name, v in flat.items()}

@@ -111,3 +111,15 @@ def test_cross_validate_errors(sim):
         cross_validate(bp, folds=True)
     with pytest.raises(InputError, match=r"^realism='bogus': expected one of 'cone', 'nonnegative', 'none'"):
         cross_validate(bp, realism="bogus")
+
+
+def test_progress_bar_over_the_folds_only_when_asked(sim, capsys):
+    import pcmx
+
+    bp = bead_patches(as_image(sim["image"]))
+    cross_validate(bp, folds=2)
+    assert "cross-validation" not in capsys.readouterr().err
+    with pcmx.set_options(progress=True):
+        cross_validate(bp, folds=2)
+    err = capsys.readouterr().err
+    assert "cross-validation" in err and "2/2" in err

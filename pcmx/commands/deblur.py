@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "pcmx/family)")
     add_channel_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars on stderr (shown on a terminal by default)")
 
 
 def output_paths(out: str) -> dict:

@@ -54,6 +54,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--folds", type=int_at_least(2), default=5,
                         help="cross-validation folds, at least 2 (default 5)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars on stderr (shown on a terminal by default)")
 
 
 _OPTIONS = {"n_components": "--components",
