@@ -368,36 +368,44 @@ def _noise_model(raw, bump, components):
     units (``signal (M, P)`` the unbumped rank-``k`` fit, clipped at zero) and ``scale (M,)``,
     each patch's flux times the l2 norm of its sum-one patch: dividing a bumped patch by it
     gives its unit-l2 row. See :func:`noise_threshold`.
+
+    Memory: three ``(M, P)`` float64 arrays at a time (operations in place): a family of 90
+    images of 600 beads has M = 54000 patches.
     """
     m, p = raw.shape
     k = len(components)
     x = raw * bump[None, :]
     flux = x.sum(axis=1)
-    sum_one = x / flux[:, None]
-    norm = np.linalg.norm(sum_one, axis=1)
-    unit = sum_one / norm[:, None]
+    x /= flux[:, None]  # sum one
+    norm = np.linalg.norm(x, axis=1)
+    x /= norm[:, None]  # unit l2
     scale = flux * norm
     # Unbump only where the bump is not vanishing: near r_ext it can be ~1e-200 at a pixel,
     # and dividing by it overflowed (r = 17 on 130 dim patches: NaN threshold, crash). There
     # the unbumped signal cannot be recovered, and the entries' noise is ~0 after bumping.
     ok = bump > _UNBUMP_MIN
     safe_bump = np.where(ok, bump, 1.0)[None, :]
-    fit = (unit @ components.T) @ components * scale[:, None] / safe_bump  # camera units, unbumped
+    fit = (x @ components.T) @ components  # camera units, unbumped, below
+    del x
+    fit *= scale[:, None]
+    fit /= safe_bump
     fit[:, ~ok] = 0.0
-    signal = np.clip(fit, 0, None)
-    resid2 = raw[:, ok] - fit[:, ok]
-    resid2 *= resid2
-    resid2 *= m * p / max((m - k) * (p - k), 1)
-    # least squares of resid2 ~ a + b * signal by its 2x2 normal equations: the same solution
-    # as lstsq on the (M P) x 2 design matrix, without that matrix (1.5 GB at K = 90 images of
-    # 600 beads: the memory peak of a family's PSF basis)
-    sig = signal[:, ok]
-    n, s1, s2 = float(sig.size), float(sig.sum()), float(np.vdot(sig, sig))
-    r1, rs = float(resid2.sum()), float(np.vdot(sig, resid2))
+    resid = raw - fit
+    resid[:, ~ok] = 0.0
+    resid *= resid
+    resid *= m * p / max((m - k) * (p - k), 1)
+    np.clip(fit, 0, None, out=fit)  # the signal
+    # least squares of resid^2 ~ a + b * signal over the pixels where the bump is not
+    # vanishing, by its 2x2 normal equations: the same solution as lstsq on the (M P) x 2
+    # design matrix, without that matrix (1.5 GB at K = 90 images of 600 beads: the memory
+    # peak of a family's PSF basis). Both are zero elsewhere.
+    n = float(m * int(ok.sum()))
+    s1, s2 = float(fit.sum()), float(np.vdot(fit, fit))
+    r1, rs = float(resid.sum()), float(np.vdot(fit, resid))
+    del resid
     (a, b), *_ = np.linalg.lstsq(np.array([[n, s1], [s1, s2]]), np.array([r1, rs]), rcond=None)
-    del sig, resid2
     tiny = 1e-12 * float(np.vdot(raw, raw)) / max(raw.size, 1) + 1e-300
-    return max(float(a), tiny), max(float(b), 0.0), signal, scale
+    return max(float(a), tiny), max(float(b), 0.0), fit, scale
 
 
 def noise_threshold(raw, bump, components, *, draws: int = 3, seed: int = 0,
@@ -435,8 +443,12 @@ def noise_threshold(raw, bump, components, *, draws: int = 3, seed: int = 0,
         Singular values of the (row-weighted) unit-l2 patch matrix above this are signal.
     """
     m, p = raw.shape
-    a, b, signal, scale = _noise_model(raw, bump, components)
-    sd = np.sqrt(a + b * signal) * (bump[None, :] / scale[:, None])
+    a, b, sd, scale = _noise_model(raw, bump, components)
+    sd *= b  # in place on the signal: the noise's standard deviation of each entry
+    sd += a
+    np.sqrt(sd, out=sd)
+    sd *= bump[None, :]
+    sd /= scale[:, None]
     if weights is not None:
         sd *= np.sqrt(np.asarray(weights, dtype=np.float64))[:, None]
     rng = np.random.default_rng(seed)
@@ -484,7 +496,8 @@ def bead_snr(raw, bump, components) -> np.ndarray:
     raw = np.asarray(raw, dtype=np.float64)
     bump = np.asarray(bump, dtype=np.float64)
     a, b, signal, scale = _noise_model(raw, bump, np.asarray(components, dtype=np.float64))
-    energy = ((a + b * signal) * bump[None, :] ** 2).sum(axis=1) / scale**2
+    b2 = bump**2
+    energy = (a * b2.sum() + b * (signal @ b2)) / scale**2  # sum_p (a + b s_mp) bump_p^2, no (M, P) temporary
     return 1.0 / np.sqrt(np.maximum(energy, 1e-300))
 
 
