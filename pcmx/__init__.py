@@ -29,6 +29,7 @@ _LAZY = {
     "cross_validate_family": "pcmx.cross_validation",
     "identify_operator": "pcmx.deblur",
     "deblur": "pcmx.deblur",  # the subpackage (pcmx.deblur.deblur is the function)
+    "restore": "pcmx.restore",  # the module (pcmx.restore.restore is the function)
     "testing": "pcmx.testing",
     "plot": "pcmx.plot",
 }
