@@ -59,6 +59,13 @@ def add_arguments(parser) -> None:
                         help="realism projection of the maps: PSFs >= -1%% of their peak "
                              "(default), the paper's cone of observed coefficients, or none")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    parser.add_argument("--validate", action="store_true",
+                        help="also cross-validate the family on held-out beads of every image "
+                             "against each image's own operator and the space-invariant reference "
+                             "(pcmx.cross_validation.cross_validate_family, same options; the images "
+                             "are read into memory); the figures go into the store, and a warning "
+                             "says when the reference predicts better")
+    parser.add_argument("--folds", type=int, default=5, help="folds of --validate (default 5)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing store, and discard a checkpoint made with other "
                              "arguments or inputs")
@@ -101,6 +108,8 @@ def run(args) -> int:
     from ..io.readers import natural_sort, read_image
     from ._common import Outputs, check_output, store_target, worded
 
+    if args.validate and args.folds < 2:  # before any work
+        raise InputError(f"--folds {args.folds}: need at least 2")
     out = check_output(store_target(args.output, args.group), "--output", kind="store",
                        overwrite=args.overwrite)
     if args.checkpoint is not None:
@@ -154,6 +163,8 @@ def run(args) -> int:
                 cluster.close()
         for w in caught:
             print(f"pcmx {NAME}: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+        if args.validate:
+            _validate(ds, images, args)
         outputs.store(out, ds, overwrite=args.overwrite, root=args.output if args.group else None)
     shutil.rmtree(checkpoint, ignore_errors=True)
     p = ds.attrs["pcmx_parameters"]
@@ -171,3 +182,35 @@ def run(args) -> int:
     print("time " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()) + f" (SVD: {p['svd']}, "
           f"{p['scheduler']})")
     return 0
+
+
+def _validate(ds, images, args) -> None:
+    """Cross-validate the family as it was learned (``--validate``): its figures into the store's
+    ``pcmx_parameters["cross_validation"]``, a warning when the reference predicts better."""
+    import sys
+
+    from ..cross_validation import cross_validate_family
+    from ..errors import InputError
+
+    p = ds.attrs["pcmx_parameters"]
+    if p["skipped"]:
+        raise InputError("--validate: some images were skipped (--skip-bad); validate the usable "
+                         "images on their own")
+    cv = cross_validate_family(images, folds=args.folds, n_components=args.components,
+                               n_modes=args.modes, psf_radius=p["psf_radius"],
+                               realism=args.realism, pixel_size=args.pixel_size,
+                               mode_rule=args.mode_rule)
+    fam, single, inv = (cv.attrs[f"median_error_{k}"] for k in ("family", "single", "invariant"))
+    p["cross_validation"] = {
+        "folds": int(args.folds), "median_error_family": fam, "median_error_single": single,
+        "median_error_invariant": inv, "improvement": inv / fam if fam > 0 else float("inf"),
+        "per_state": {str(s): {k: float(cv[f"median_error_{k}"].sel(state=s))
+                               for k in ("family", "single", "invariant")}
+                      for s in cv["state"].values}}
+    print(f"cross-validation ({args.folds} folds, {int(cv.sizes['bead'])} held-out beads): median "
+          f"error family {fam:.3f}, single operators {single:.3f}, space-invariant reference "
+          f"{inv:.3f} ({inv / fam:.2f}x)")
+    if fam > inv:
+        print(f"pcmx {NAME}: warning: cross-validation finds the family worse than the "
+              f"space-invariant reference (median held-out error {fam:.3f} vs {inv:.3f})",
+              file=sys.stderr)
