@@ -99,6 +99,26 @@ def _batched_spd_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # min_{lam >= 0} 1/2 ||G^T lam - x||^2, one row x at a time, all rows at once
 
 
+def _step_back(lam, pidx, nb, sol, bad, mask, sentinel) -> None:
+    """The active-set step back of the rows ``nb`` whose least-squares solution ``sol`` left
+    the non-negative orthant (``bad``: its non-positive entries among the active ``mask``):
+    move each from ``lam`` towards ``sol`` until its first coefficient hits zero, drop that
+    index (and any at zero) from the active set, compact the set to the left, padding with
+    ``sentinel``. In place on ``lam`` and ``pidx``; shared by the cone's and the
+    non-negativity's batched active-set solvers."""
+    l0 = lam[nb]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(bad, l0 / (l0 - sol), np.inf)
+    first = np.argmin(ratio, axis=1)
+    alpha = np.clip(np.take_along_axis(ratio, first[:, None], axis=1), 0.0, 1.0)
+    l1 = l0 + alpha * (sol - l0)
+    keep = mask & (l1 > 1e-14 * np.maximum(l1.max(axis=1, keepdims=True), 1e-300))
+    keep[np.arange(nb.size), first] = False  # the index that hit zero leaves
+    order = np.argsort(~keep, axis=1, kind="stable")
+    pidx[nb] = np.take_along_axis(np.where(keep, pidx[nb], sentinel), order, axis=1)
+    lam[nb] = np.take_along_axis(np.where(keep, l1, 0.0), order, axis=1)
+
+
 def _active_set(g: np.ndarray, x: np.ndarray, tol: float, max_iter: int,
                 init: np.ndarray | None = None) -> np.ndarray:
     """Batched Lawson-Hanson NNLS: ``min_{lam >= 0} 1/2 ||g^T lam - x||^2`` for every row of x.
@@ -177,17 +197,7 @@ def _active_set(g: np.ndarray, x: np.ndarray, tol: float, max_iter: int,
         adding[sv[ok]] = True
         nb = sv[~ok]
         if nb.size:
-            l0, s0, bad0 = lam[nb], sol[~ok], bad[~ok]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(bad0, l0 / (l0 - s0), np.inf)
-            first = np.argmin(ratio, axis=1)
-            alpha = np.clip(np.take_along_axis(ratio, first[:, None], axis=1), 0.0, 1.0)
-            l1 = l0 + alpha * (s0 - l0)
-            keep = mask[~ok] & (l1 > 1e-14 * np.maximum(l1.max(axis=1, keepdims=True), 1e-300))
-            keep[np.arange(nb.size), first] = False  # the generator that hit zero leaves
-            order = np.argsort(~keep, axis=1, kind="stable")
-            pidx[nb] = np.take_along_axis(np.where(keep, pidx[nb], ng), order, axis=1)
-            lam[nb] = np.take_along_axis(np.where(keep, l1, 0.0), order, axis=1)
+            _step_back(lam, pidx, nb, sol[~ok], bad[~ok], mask[~ok], ng)
     out = out[:, :ng]
     if rows.size:  # sweep cap reached (degenerate cycling): finish those rows with scipy's NNLS
         out[rows] = _nnls_rows(g, x[rows])
@@ -482,17 +492,7 @@ def _ldp_block(a: np.ndarray, c: np.ndarray, b: np.ndarray, tol: float, max_iter
         adding[sv[ok]] = True
         nb = sv[~ok]
         if nb.size:
-            l0, s0, bad0 = lam[nb], sol[~ok], bad[~ok]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(bad0, l0 / (l0 - s0), np.inf)
-            first = np.argmin(ratio, axis=1)
-            alpha = np.clip(np.take_along_axis(ratio, first[:, None], axis=1), 0.0, 1.0)
-            l1 = l0 + alpha * (s0 - l0)
-            keep = mask[~ok] & (l1 > 1e-14 * np.maximum(l1.max(axis=1, keepdims=True), 1e-300))
-            keep[np.arange(nb.size), first] = False  # the constraint that hit zero leaves
-            order = np.argsort(~keep, axis=1, kind="stable")
-            pidx[nb] = np.take_along_axis(np.where(keep, pidx[nb], k_all), order, axis=1)
-            lam[nb] = np.take_along_axis(np.where(keep, l1, 0.0), order, axis=1)
+            _step_back(lam, pidx, nb, sol[~ok], bad[~ok], mask[~ok], k_all)
     return out, out_p, np.concatenate([rows, *stuck])
 
 
