@@ -24,6 +24,7 @@ __all__ = [
     "PIXEL_SIZE_RANGE_UM",
     "PIXEL_UNITS",
     "parse_length",
+    "from_pixels",
     "format_length",
     "spatial_coords",
     "kernel_coords",
@@ -319,4 +320,39 @@ def to_pixels(obj: xr.Dataset | xr.DataArray, *, index: bool = False, extrapolat
                     f"{extent}; pass extrapolate=True for the PSF at the nearest edge")
             p = np.where(outside, np.clip(p, 0, n - 1), p)
         out[dim] = float(p) if np.ndim(p) == 0 else p
+    return out
+
+
+def from_pixels(obj: xr.Dataset | xr.DataArray, **indices) -> dict[str, tuple[np.ndarray, str]]:
+    """Fractional pixel indices -> coordinate values on ``obj``'s grid, with their units.
+
+    The inverse of :func:`to_pixels` for stored positions (bead centres, held-out beads):
+    ``dim=indices`` gives ``dim -> (values, units)``, the values in the units of ``obj``'s
+    ``dim`` coordinate (micrometers in a calibrated store) by linear interpolation of the
+    coordinate (extrapolated linearly past its ends), or the indices themselves with units
+    ``"pixel"`` where the coordinate is in pixels or absent.
+    """
+    out = {}
+    for dim, idx in indices.items():
+        p = np.asarray(idx, dtype=np.float64)
+        coord = obj.coords[dim] if dim in obj.coords else None
+        if coord is None:
+            out[dim] = (p, PIXEL_UNITS)
+            continue
+        if isinstance(coord.data, pint.Quantity):
+            cunits, c = str(coord.data.units), np.asarray(coord.data.magnitude, dtype=np.float64)
+        else:
+            cunits, c = str(coord.attrs.get("units", PIXEL_UNITS)), np.asarray(coord.values, np.float64)
+        if cunits in PIXEL_ALIASES:
+            out[dim] = (p, PIXEL_UNITS)
+            continue
+        if c.size == 1:
+            step = coord.attrs.get("pixel_size")
+            out[dim] = (c[0] + p * (float(step) if step is not None else 0.0), cunits)
+            continue
+        n = np.arange(c.size, dtype=np.float64)
+        v = np.interp(p, n, c)
+        v = np.where(p < 0, c[0] + p * (c[1] - c[0]), v)
+        v = np.where(p > c.size - 1, c[-1] + (p - c.size + 1) * (c[-1] - c[-2]), v)
+        out[dim] = (v, cunits)
     return out
