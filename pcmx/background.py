@@ -44,6 +44,7 @@ from .beads import (
 from .errors import InputError
 from .execution import blas_limit
 from .noise import quantisation_step, robust_sigma
+from .units import PIXEL_ALIASES
 
 __all__ = [
     "METHODS",
@@ -571,6 +572,12 @@ def patch_coordinates(patches: xr.DataArray, positions=None) -> np.ndarray:
         missing = [f"bead_{d}" for d in dims if f"bead_{d}" not in patches.coords]
         if missing:
             raise InputError(f"positions: not given and patches lack coords {missing}")
+        units = {str(patches[f"bead_{d}"].attrs.get("units", "pixel")) for d in dims}
+        if not units <= set(PIXEL_ALIASES):
+            # patches carry pixel centres (pcmx.beads.extract_patches); micrometres here would
+            # be read as pixels without a word
+            raise InputError(f"positions: the patches' bead_* coords are in {sorted(units)}, not "
+                             "pixels; pass positions= in pixels")
         positions = np.stack([patches[f"bead_{d}"].values for d in dims], axis=1)
     pos = as_positions(positions, nd)
     if len(pos) != data.shape[0]:

@@ -668,7 +668,7 @@ OUTLIER_FLOOR = 0.1
 def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: int | None = None,
                      tol: float | None = None, generators=None, project=None, dtype=np.float32,
                      outlier_z: float | None = OUTLIER_Z, return_spline: bool = False,
-                     bead_weights=None):
+                     bead_weights=None, eta_scale: float = 1.0, at=None):
     """Coefficient maps alpha_i on the whole pixel grid (paper App. C-a, optionally C-b).
 
     Parameters
@@ -722,6 +722,14 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
     bead_weights : array (M,), optional
         Per-bead factors on ``weights`` (:func:`fit_tps`); the beads left out as outliers
         leave with theirs.
+    eta_scale : float, default 1
+        The spline refitted, on the same beads, with ``eta_scale`` times the smoothing chosen
+        (by GCV, after the outlier rejection) or given: model selection's smoother candidate.
+    at : array (N, ndim), optional
+        Evaluate only at these pixel positions: the exact spline there, projected row by row
+        under ``generators`` / ``project``, ``(N, I)`` float64 instead of the maps (no
+        lattice; cross-validation's held-out beads). ``info`` then also has ``"spline"``, the
+        values before the projection.
 
     Returns
     -------
@@ -742,9 +750,19 @@ def coefficient_maps(points, beta, shape, *, weights="voronoi", eta=None, step: 
             rejected[np.flatnonzero(~rejected)[bad]] = True
             tps = fit_tps(tps.points[keep], np.asarray(beta)[~rejected], domain_shape=shape,
                           weights=weights, eta=eta, bead_weights=None if q is None else q[~rejected])
-    shape = tps._grid_shape(shape)
+    if eta_scale != 1.0:
+        tps = fit_tps(tps.points, np.asarray(beta)[~rejected], domain_shape=shape, weights=weights,
+                      eta=np.asarray(tps.eta) * float(eta_scale),
+                      bead_weights=None if q is None else q[~rejected])
     if generators is not None and project is not None:
         raise InputError("give generators (the cone) or project, not both")
+    if at is not None:
+        raw = tps(np.asarray(at, dtype=np.float64).reshape(-1, tps.ndim))
+        vals = (project_onto_cone(raw, generators) if generators is not None
+                else np.asarray(project(raw), dtype=np.float64) if project is not None else raw)
+        info = {"rejected": np.flatnonzero(rejected), "step": 0, "spline": raw}
+        return (vals, tps, info) if return_spline else vals
+    shape = tps._grid_shape(shape)
     if generators is None and project is None:
         maps, info = _adaptive_lattice(tps, shape, step, 1e-3 if tol is None else tol,
                                        kind="cubic", generators=None, dtype=dtype)

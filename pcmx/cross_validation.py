@@ -30,14 +30,16 @@ from .beads import bump_multiplier
 from .coefficients import coefficient_maps
 from .errors import InputError
 from .execution import progress_bar
-from .family import gram_matrix, modes_of_gram, realism_of_family
-from .fit import fit_operator, realism_policy
+from .fit import fit_basis, fit_operator, realism_policy
 from .io.readers import as_image
+from .modes import gram_matrix, modes_of_gram, realism_of_family
 from .patches import BeadPatches, bead_patches, pooled_radius, radius_profiles, radius_sample
 from .psf_basis import fit_psf_basis
+from .units import from_pixels
 
 __all__ = ["cross_validate", "cross_validate_family", "fold_labels", "heldout_flux", "heldout_targets",
-           "invariant_reference", "predict_psfs"]
+           "heldout_summary", "invariant_reference", "model_candidates", "position_vars", "predict_psfs",
+           "select_model", "CANDIDATES", "SMOOTHER"]
 
 
 def _normalised(patches: np.ndarray) -> np.ndarray:
@@ -104,23 +106,167 @@ def _used_beads(bp: BeadPatches, op: xr.Dataset) -> np.ndarray:
     return np.array([tuple(p) in key for p in bp.positions.tolist()], dtype=bool)
 
 
-def _single_fold(bp: BeadPatches, target: np.ndarray, test: np.ndarray, fit_options: dict):
-    """Held-out errors of beads ``test`` under the operator fitted on the others, and under
-    the space-invariant reference fitted on the beads that operator used."""
+#: Model selection's candidate names (:func:`model_candidates`), simplest first: the order
+#: in which :func:`select_model`'s one-standard-error rule prefers them. An alternative of the
+#: same complexity as the automatic choices ("smoother", "no realism") is preferred after
+#: them: it is chosen only where it beats them by more than the noise.
+CANDIDATES = ("space-invariant", "fewer components", "automatic", "smoother", "non-negative", "no realism")
+#: Candidates whose held-out error is measured and recorded but that are never stored: without
+#: a realism projection predicted PSFs may go negative (what the projection costs, or gains,
+#: is reported all the same).
+CHECKED_ONLY = ("no realism",)
+#: The smoother candidate's factor on the GCV smoothing weight eta.
+SMOOTHER = 4.0
+#: Bootstrap resamples of :func:`select_model`'s standard error.
+BOOTSTRAP = 200
+
+
+def model_candidates(*, n_components: int | None, eta: float | None, realism,
+                     n_chosen: int, check_realism: bool = True) -> list[dict]:
+    """The space-varying candidates of model selection by held-out error (issue 12).
+
+    ``"automatic"``: the options as given (I by the rank rule, eta by GCV, the realism policy);
+    each automatic choice is checked against one alternative, fitted on the same folds:
+    ``"fewer components"`` (I = ``n_chosen // 2``, half the I the rank rule chose on all the
+    beads; only when I is automatic and that is at least 2), ``"smoother"`` (:data:`SMOOTHER`
+    times the GCV eta; only when eta is automatic), and with ``check_realism`` and the cone
+    ``"non-negative"`` (the same spline under the non-negativity projection instead) and
+    ``"no realism"`` (the same spline unprojected: recorded, never stored,
+    :data:`CHECKED_ONLY`). The space-invariant reference is a candidate too, always there.
+
+    Returns
+    -------
+    list of dict
+        ``{"name", "n_components", "eta", "eta_scale", "realism"}`` (the options of
+        :func:`pcmx.fit.fit_operator`), the automatic one first.
+    """
+    policy = realism_policy(realism)
+    base = {"n_components": n_components, "eta": eta, "eta_scale": 1.0, "realism": policy}
+    out = [{"name": "automatic", **base}]
+    if n_components is None and n_chosen >= 2:
+        out.append({"name": "fewer components", **base, "n_components": int(n_chosen) // 2})
+    if eta is None:
+        out.append({"name": "smoother", **base, "eta_scale": SMOOTHER})
+    if check_realism and policy.kind == "cone":
+        out.append({"name": "non-negative", **base, "realism": realism_policy("nonnegative")})
+    if check_realism and policy.enabled:
+        out.append({"name": "no realism", **base, "realism": realism_policy("none")})
+    return out
+
+
+def select_model(errors: dict, *, seed: int = 0, n_boot: int = BOOTSTRAP,
+                 checked_only=CHECKED_ONLY) -> dict:
+    """Model selection by held-out error with the one-standard-error rule.
+
+    ``errors``: candidate name -> per-bead held-out errors (the same beads and folds for all).
+    The best candidate has the smallest median error; each candidate's paired difference to
+    it, ``median_m (e_c,m - e_best,m)``, is compared with its noise, the standard deviation of
+    that median over ``n_boot`` bootstrap resamples of the beads (``seed``). The chosen model
+    is the simplest (first in :data:`CANDIDATES` order) whose difference is within one
+    standard error: a more complex model must beat a simpler one by more than the noise.
+    Candidates in ``checked_only`` are measured against the best too but neither chosen nor
+    the best.
+
+    Returns
+    -------
+    dict
+        ``chosen``, ``best``, and per candidate ``median_error``, ``paired_difference`` and
+        ``standard_error`` (dicts by name), ``rule``.
+    """
+    names = sorted(errors, key=lambda n: CANDIDATES.index(n) if n in CANDIDATES else len(CANDIDATES))
+    e = np.stack([np.asarray(errors[n], dtype=np.float64) for n in names])
+    ok = np.isfinite(e).all(axis=0)
+    e = e[:, ok]
+    med = np.median(e, axis=1)
+    b = int(np.argmin(np.where([n in checked_only for n in names], np.inf, med)))
+    diff = e - e[b]
+    idx = np.random.default_rng(seed).integers(0, e.shape[1], size=(n_boot, e.shape[1]))
+    paired = np.median(diff, axis=1)
+    se = np.array([np.std(np.median(d[idx], axis=1)) for d in diff])
+    chosen = next(n for n, p, s_ in zip(names, paired, se, strict=True)
+                  if p <= s_ and n not in checked_only)
+    return {"chosen": chosen, "best": names[b], "rule": "one standard error (bootstrap of the "
+            f"median paired difference, {n_boot} resamples)",
+            "median_error": {n: float(v) for n, v in zip(names, med, strict=True)},
+            "paired_difference": {n: float(v) for n, v in zip(names, paired, strict=True)},
+            "standard_error": {n: float(v) for n, v in zip(names, se, strict=True)}}
+
+
+def _fold(bp: BeadPatches, target: np.ndarray, test: np.ndarray, specs: list[dict]):
+    """Held-out errors of beads ``test`` under every candidate ``specs`` fitted on the others
+    (:func:`pcmx.fit.fit_operator` read at the held-out positions), and under the space-
+    invariant reference fitted on the beads the automatic candidate used.
+
+    One fold's PCA (and cone) is shared by the candidates of one I, one spline by those of one
+    eta scale: "no realism" is the automatic fit's spline before its projection.
+    """
     train = bp.subset(~test)
-    op = fit_operator(train, **fit_options)
-    pred = predict_psfs(op["coefficients"].values, op["psf_basis"].values, bp.positions[test])
+    pts = bp.positions[test]
     truth = target[test]
-    ref = invariant_reference(train.subset(_used_beads(train, op)))
-    return (_relative_errors(pred, truth),
-            _relative_errors(np.broadcast_to(ref, truth.shape), truth),
-            int(op.sizes["component"]))
+    errs, first, n_auto = {}, None, None
+    groups: dict = {}
+    for c in specs:
+        groups.setdefault(c["n_components"], {}).setdefault(c["eta_scale"], []).append(c)
+    for n_i, by_scale in groups.items():
+        basis = fit_basis(train, n_i)
+        gens = None
+        for scale, group in by_scale.items():
+            policy = next((c["realism"] for c in group if c["realism"].enabled), group[0]["realism"])
+            op = fit_operator(train, n_components=n_i, eta=group[0]["eta"], realism=policy,
+                              eta_scale=scale, at=pts, basis=basis, generators=gens)
+            if "cone_generators" in op:
+                gens = op["cone_generators"].values
+            h = np.asarray(op["psf_basis"].values, dtype=np.float64)
+            for c in group:
+                if c["realism"] == policy:
+                    coef = op["heldout_coefficients"].values
+                else:  # another projection of the same spline (its setup needs no cone)
+                    coef = op["heldout_spline_coefficients"].values
+                    other = c["realism"].setup(None, h)["project"]
+                    coef = coef if other is None else np.asarray(other(coef), dtype=np.float64)
+                pred = _normalised(np.tensordot(coef, h, axes=1))
+                errs[c["name"]] = _relative_errors(pred, truth)
+                if c is specs[0]:
+                    first, n_auto = op, int(op.sizes["component"])
+    ref = invariant_reference(train.subset(_used_beads(train, first)))
+    errs["space-invariant"] = _relative_errors(np.broadcast_to(ref, truth.shape), truth)
+    return errs, n_auto
+
+
+def heldout_summary(err: np.ndarray, err_inv: np.ndarray, flux: np.ndarray) -> dict:
+    """The medians of held-out errors ``err`` (a model) and ``err_inv`` (the reference), their
+    ratio ``improvement`` (reference / model), and the same over the brightest third of the
+    beads by ``flux`` (``*_bright``: on dim beads both errors are the noise's, and tie)."""
+    med, med_inv = float(np.nanmedian(err)), float(np.nanmedian(err_inv))
+    bright = flux >= np.quantile(flux, 2 / 3)
+    med_b, med_inv_b = float(np.nanmedian(err[bright])), float(np.nanmedian(err_inv[bright]))
+    return {"median_error": med, "median_error_invariant": med_inv,
+            "improvement": med_inv / med if med > 0 else float("inf"),
+            "median_error_bright": med_b, "median_error_invariant_bright": med_inv_b,
+            "improvement_bright": med_inv_b / med_b if med_b > 0 else float("inf"),
+            "n_bright": int(bright.sum())}
+
+
+def position_vars(prefix: str, dim: str, positions: np.ndarray, grid=None) -> dict:
+    """``{prefix}_[z,] y, x`` variables along ``dim`` for pixel ``positions (M, ndim)``, in the
+    units of ``grid``'s coordinates (:func:`pcmx.units.from_pixels`: micrometres for a
+    calibrated image; pixels, ``units="pixel"``, without ``grid``); read back with
+    :func:`pcmx.units.to_pixels`."""
+    pos = np.asarray(positions, dtype=np.float64)
+    dims = ("z", "y", "x")[-pos.shape[1]:]
+    if grid is None:
+        vals = {d: (pos[:, k], "pixel") for k, d in enumerate(dims)}
+    else:
+        vals = from_pixels(grid, **{d: pos[:, k] for k, d in enumerate(dims)})
+    return {f"{prefix}_{d}": (dim, np.asarray(vals[d][0], dtype=np.float64), {"units": str(vals[d][1])})
+            for d in dims}
 
 
 def cross_validate(image, *, folds: int = 5, seed: int = 0, n_components: int | None = None,
                    psf_radius=None, threshold: float | None = None, background: str | None = None,
                    realism="cone", eta: float | None = None,
-                   pixel_size: str | None = None) -> xr.Dataset:
+                   pixel_size: str | None = None, candidates: list[dict] | None = None,
+                   grid=None) -> xr.Dataset:
     """Per-bead relative prediction error of held-out beads, space-varying vs invariant.
 
     Parameters
@@ -137,16 +283,30 @@ def cross_validate(image, *, folds: int = 5, seed: int = 0, n_components: int | 
         training beads, as the stored model made them on all beads.
     psf_radius, threshold, background, pixel_size :
         The bead steps' options (:func:`pcmx.patches.bead_patches`) when ``image`` is an image.
+    candidates : list of dict, optional
+        Model selection's space-varying candidates (:func:`model_candidates`), fitted on the
+        same folds; the first is the automatic fit (default: that one alone, from the options).
+    grid : DataArray or Dataset, optional
+        Whose coordinates the stored positions ``cv_bead_*`` are given in (the image; by
+        default the image read here, or pixels for given bead patches).
 
     Returns
     -------
     Dataset
-        ``cv_error (bead)`` relative l2 error of the space-varying prediction of each held-out
-        (sum-one, bumped) bead patch, ``cv_error_invariant (bead)`` the same for the
-        space-invariant reference, ``cv_bead_[z,] y, x`` (pixels), ``cv_fold``, ``cv_flux``;
+        ``cv_error (bead)`` relative l2 error of the automatic fit's prediction of each
+        held-out (sum-one, bumped) bead patch, ``cv_error_invariant (bead)`` the same for the
+        space-invariant reference, ``cv_error_candidates (candidate, bead)`` every candidate's
+        (with ``candidates``), ``cv_bead_[z,] y, x`` (the image's coordinate units:
+        micrometres where calibrated, else pixels; ``units`` attrs), ``cv_fold``, ``cv_flux``;
         attrs with the medians, their ratio ``improvement`` (reference / model), the same over
-        the brightest third of the beads (``*_bright``: on dim beads both errors are mostly
-        noise and tie) and the components chosen per fold.
+        the brightest third of the beads (``*_bright``) and the components chosen per fold.
+
+    Notes
+    -----
+    Each fold is :func:`pcmx.fit.fit_operator` on the training beads with the stored model's
+    options, its maps read at the held-out positions only (the exact spline there, under the
+    realism projection): the stored maps are the same spline and projection on a lattice,
+    within 1e-3-3e-3 of the PSF (:func:`pcmx.coefficients.coefficient_maps`' tolerance).
 
     Raises
     ------
@@ -156,8 +316,9 @@ def cross_validate(image, *, folds: int = 5, seed: int = 0, n_components: int | 
     if isinstance(image, BeadPatches):
         bp = image
     else:
-        bp = bead_patches(as_image(image, pixel_size=pixel_size), psf_radius=psf_radius,
-                          threshold=threshold, background=background)
+        img = as_image(image, pixel_size=pixel_size)
+        grid = img if grid is None else grid
+        bp = bead_patches(img, psf_radius=psf_radius, threshold=threshold, background=background)
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)):
         raise InputError(f"folds={folds!r}: need an integer of at least 2")
     # held-out beads: every bead of the bead pipeline's fixed criterion (isolated, unsaturated,
@@ -166,41 +327,39 @@ def cross_validate(image, *, folds: int = 5, seed: int = 0, n_components: int | 
     m = len(bp.positions)
     if folds < 2 or m < 2 * folds:
         raise InputError(f"folds={folds}: need at least 2 folds and 2 beads per fold ({m} beads)")
-    fit_options = {"n_components": n_components, "eta": eta, "realism": realism_policy(realism)}
+    specs = candidates or [{"name": "automatic", "n_components": n_components, "eta": eta,
+                            "eta_scale": 1.0, "realism": realism_policy(realism)}]
     fold_of = fold_labels(m, folds, seed)
     target = heldout_targets(bp)
-    err = np.full(m, np.nan)
-    err_inv = np.full(m, np.nan)
+    err = {name: np.full(m, np.nan) for name in [c["name"] for c in specs] + ["space-invariant"]}
     chosen = []
     with progress_bar(None, folds, "cross-validation", "fold") as bar:
         for f in range(folds):
             test = fold_of == f
-            err[test], err_inv[test], n_i = _single_fold(bp, target, test, fit_options)
+            fold_err, n_i = _fold(bp, target, test, specs)
+            for name, v in fold_err.items():
+                err[name][test] = v
             chosen.append(n_i)
             bar.update(1)
-    med, med_inv = float(np.nanmedian(err)), float(np.nanmedian(err_inv))
-    # the brightest third of the beads: where the noise does not hide the model's error (on
-    # dim beads both errors are the noise's, and tie)
     flux = heldout_flux(bp)
-    bright = flux >= np.quantile(flux, 2 / 3)
-    med_b, med_inv_b = float(np.nanmedian(err[bright])), float(np.nanmedian(err_inv[bright]))
-    dims = ("z", "y", "x")[-bp.positions.shape[1]:]
-    ds = xr.Dataset(
-        {"cv_error": ("bead", err.astype(np.float32)),
-         "cv_error_invariant": ("bead", err_inv.astype(np.float32)),
-         "cv_fold": ("bead", fold_of.astype(np.int16)),
-         "cv_flux": ("bead", flux.astype(np.float32), {"long_name": "bead flux on the model's support"}),
-         **{f"cv_bead_{d}": ("bead", bp.positions[:, k], {"units": "pixel"})
-            for k, d in enumerate(dims)}},
-        attrs={"folds": int(folds), "seed": int(seed), "median_error": med,
-               "median_error_invariant": med_inv,
-               "improvement": med_inv / med if med > 0 else float("inf"), "n_beads": int(m),
-               "median_error_bright": med_b, "median_error_invariant_bright": med_inv_b,
-               "improvement_bright": med_inv_b / med_b if med_b > 0 else float("inf"),
-               "n_bright": int(bright.sum()),
-               "n_components": chosen, "invariant_reference": "flux-weighted mean of training beads"},
+    auto, inv = err[specs[0]["name"]], err["space-invariant"]
+    data = {"cv_error": ("bead", auto.astype(np.float32)),
+            "cv_error_invariant": ("bead", inv.astype(np.float32)),
+            "cv_fold": ("bead", fold_of.astype(np.int16)),
+            "cv_flux": ("bead", flux.astype(np.float32), {"long_name": "bead flux on the model's support"}),
+            **position_vars("cv_bead", "bead", bp.positions, grid)}
+    coords = {}
+    if len(specs) > 1:
+        names = [c["name"] for c in specs] + ["space-invariant"]
+        data["cv_error_candidates"] = (("candidate", "bead"), np.stack([err[n] for n in names]).astype(np.float32),
+                                       {"long_name": "held-out error of each model selection candidate"})
+        coords["candidate"] = names
+    return xr.Dataset(
+        data, coords=coords,
+        attrs={"folds": int(folds), "seed": int(seed), **heldout_summary(auto, inv, flux),
+               "n_beads": int(m), "n_components": chosen,
+               "invariant_reference": "flux-weighted mean of training beads"},
     )
-    return ds
 
 
 def _family_inputs(images) -> tuple[list, list]:
@@ -229,7 +388,8 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
                           n_modes: int | None = None, psf_radius: int | None = None,
                           background: str | None = None, realism="nonnegative",
                           eta: float | None = None, seed: int = 0,
-                          pixel_size: str | None = None, mode_rule: str = "capped") -> xr.Dataset:
+                          pixel_size: str | None = None, mode_rule: str = "capped",
+                          labels=None, grid=None) -> xr.Dataset:
     """Held-out bead errors of a family, of each image's own operator and of the invariant reference.
 
     The beads of every image are split into ``folds`` folds (the split of image k is the one
@@ -245,7 +405,9 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     Parameters
     ----------
     images : sequence of paths/arrays/DataArrays (y, x), or a DataArray with a ``state`` dim
-        K >= 2 bead images on one grid (e.g. planes of a z-stack around focus).
+        K >= 2 bead images on one grid (e.g. planes of a z-stack around focus); or K
+        :class:`pcmx.patches.BeadPatches` of one radius, the images' beads already extracted
+        (:func:`pcmx.family.learn_family` passes its own: nothing is detected twice).
     folds : int
         k; at least 2, and every image needs at least 2 beads per fold.
     n_components : int, optional
@@ -265,6 +427,11 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
         Seed of the split into folds.
     pixel_size : str, optional
         For images whose metadata lacks it.
+    labels : sequence of str, optional
+        The states' labels (default: the file names, ``source`` attrs or ``state<k>``).
+    grid : DataArray, optional
+        Whose coordinates ``cv_bead_y``, ``cv_bead_x`` are given in (default: the first image;
+        pixels for given bead patches without it).
 
     Returns
     -------
@@ -272,7 +439,8 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
         Per held-out bead (dim ``bead``, all images' beads one after the other):
         ``cv_error_family``, ``cv_error_single``, ``cv_error_invariant`` (relative l2 errors of
         the sum-one predictions against the sum-one observed patch on the model's support),
-        ``cv_bead_y``, ``cv_bead_x``, ``cv_bead_state`` (the image's index).
+        ``cv_bead_y``, ``cv_bead_x`` (the images' coordinate units, micrometres where
+        calibrated; ``units`` attrs), ``cv_bead_state`` (the image's index).
         Per image (dim ``state``, the images' labels): ``median_error_family``,
         ``median_error_single``, ``median_error_invariant``, ``n_beads``.
         attrs: ``folds``, ``psf_radius``, ``n_components`` and ``n_modes`` per fold, and the
@@ -296,26 +464,37 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     cross-validate on a subset of images or a crop for very large data.
     """
     policy = realism_of_family(realism)
-    images, labels = _family_inputs(images)
+    given = not isinstance(images, xr.DataArray) and not isinstance(images, (str, os.PathLike)) and \
+        all(isinstance(im, BeadPatches) for im in images)
+    images, own_labels = (list(images), [f"state{k}" for k in range(len(images))]) if given \
+        else _family_inputs(images)
+    labels = own_labels if labels is None else list(labels)
     if len(images) < 2:
         raise InputError(f"images: a family needs at least 2 images, got {len(images)}")
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
         raise InputError(f"folds={folds!r}: need an integer of at least 2")
-    imgs = [as_image(im, pixel_size=pixel_size) for im in images]
-    shape = imgs[0].shape
-    for lab, im in zip(labels, imgs, strict=True):
-        if im.shape != shape:
-            raise InputError(f"{lab}: shape {im.shape} differs from {shape} of {labels[0]}")
-    bps, r = [], psf_radius
-    if r is None:
-        r, _ = pooled_radius([radius_profiles(imgs[k]) for k in radius_sample(len(imgs))])
-    for lab, im in zip(labels, imgs, strict=True):
-        try:
-            bp = bead_patches(im, psf_radius=r, background=background)
-        except InputError as exc:
-            raise InputError(f"{lab}: {exc}") from None
-        r = bp.radius
-        bps.append(bp)
+    if given:  # the family's own beads (pcmx.family.learn_family passes its checkpointed ones)
+        bps = [bp.usable_beads() for bp in images]
+        r = bps[0].radius
+    else:
+        imgs = [as_image(im, pixel_size=pixel_size) for im in images]
+        grid = imgs[0] if grid is None else grid
+        shape = imgs[0].shape
+        for lab, im in zip(labels, imgs, strict=True):
+            if im.shape != shape:
+                raise InputError(f"{lab}: shape {im.shape} differs from {shape} of {labels[0]}")
+        bps, r = [], psf_radius
+        if r is None:
+            r, _ = pooled_radius([radius_profiles(imgs[k]) for k in radius_sample(len(imgs))])
+        for lab, im in zip(labels, imgs, strict=True):
+            try:
+                # the beads a model may be fitted on, as learn_family checkpoints them
+                bp = bead_patches(im, psf_radius=r, background=background).usable_beads()
+            except InputError as exc:
+                raise InputError(f"{lab}: {exc}") from None
+            r = bp.radius
+            bps.append(bp)
+    shape = bps[0].shape
     for lab, bp in zip(labels, bps, strict=True):
         if len(bp.positions) < 2 * folds:
             raise InputError(f"{lab}: folds={folds} needs at least 2 beads per fold, "
@@ -325,7 +504,8 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
     targets = [heldout_targets(bp) for bp in bps]
     errs = {name: [np.full(len(bp.positions), np.nan) for bp in bps]
             for name in ("family", "single", "invariant")}
-    single_options = {"n_components": n_components, "eta": eta, "realism": policy}
+    single_specs = [{"name": "automatic", "n_components": n_components, "eta": eta, "eta_scale": 1.0,
+                     "realism": policy}]
     used_i, used_j = [], []
     bar = progress_bar(None, folds, "family cross-validation", "fold")
     for f in range(folds):
@@ -363,16 +543,15 @@ def cross_validate_family(images, *, folds: int = 5, n_components: int | None = 
             pred = _normalised(np.tensordot(pred_beta, h.astype(np.float64), axes=1))
             truth = targets[k][test]
             errs["family"][k][test] = _relative_errors(pred, truth)
-            errs["single"][k][test], errs["invariant"][k][test], _ = _single_fold(
-                bp, targets[k], test, single_options)
+            one, _ = _fold(bp, targets[k], test, single_specs)
+            errs["single"][k][test], errs["invariant"][k][test] = one["automatic"], one["space-invariant"]
     bar.update(1)
     bar.close()
     bead_state = np.concatenate([np.full(len(bp.positions), k) for k, bp in enumerate(bps)])
     flat = {name: np.concatenate(v) for name, v in errs.items()}
     data = {f"cv_error_{name}": ("bead", v.astype(np.float32)) for name, v in flat.items()}
     data.update({
-        "cv_bead_y": ("bead", np.concatenate([bp.positions[:, 0] for bp in bps]), {"units": "pixel"}),
-        "cv_bead_x": ("bead", np.concatenate([bp.positions[:, 1] for bp in bps]), {"units": "pixel"}),
+        **position_vars("cv_bead", "bead", np.concatenate([bp.positions for bp in bps]), grid),
         "cv_bead_state": ("bead", bead_state),
         "n_beads": ("state", np.array([len(bp.positions) for bp in bps])),
     })

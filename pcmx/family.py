@@ -101,7 +101,7 @@ from .execution import (
     show_progress,
     task_workers,
 )
-from .fit import Realism, realism_policy
+from .fit import Realism
 from .io.atomic import atomic_json
 from .io.checkpoint import (
     entry_path,
@@ -112,6 +112,17 @@ from .io.checkpoint import (
     write_entry,
 )
 from .io.readers import PcmxWarning, as_image, read_image
+from .modes import (
+    MODE_RULES,
+    MODE_TOLERANCE,
+    PANEL,
+    choose_modes,
+    gram_matrix,
+    modes_of_gram,
+    rank_by_energy,
+    rank_by_threshold,
+    realism_of_family,
+)
 from .patches import bead_patches, pooled_radius, radius_profiles, radius_sample
 from .provenance import jsonable, provenance, sha256_file
 from .psf_basis import fit_psf_basis
@@ -119,7 +130,8 @@ from .units import kernel_coords
 from .units import pixel_size as axis_step
 
 __all__ = ["learn_family", "rank_by_threshold", "rank_by_energy", "choose_modes", "gram_matrix",
-           "modes_of_gram", "realism_of_family", "GRAM_MAX_ROWS", "MIN_BEADS", "MODE_RULES"]
+           "modes_of_gram", "realism_of_family", "GRAM_MAX_ROWS", "MIN_BEADS", "MODE_RULES",
+           "MODE_TOLERANCE"]
 
 #: Largest K*I for which ``svd="auto"`` takes the exact Gram route (the measurement behind it
 #: is in the module docstring).
@@ -132,54 +144,6 @@ _CHECKPOINT_VERSION = 6  # 3: realism by non-negativity, spline outlier rejectio
 # 4: the realism policy object (pcmx.fit.Realism) in the manifest; 5: shape tests of the beads
 # (only beads with a clean PSF are checkpointed), SNR weights in the PCA; 6: inputs keyed by
 # the SHA-256 of their content (not size and mtime)
-
-
-#: Relative RMS truncation error of the maps that :func:`rank_by_energy` allows (J).
-MODE_TOLERANCE = 0.01
-def realism_of_family(realism) -> Realism:
-    """The family's :class:`pcmx.fit.Realism` policy from what users pass (see
-    :func:`learn_family`); the cone of K states is not capped: the pooled vectors of K states
-    need more generators than one image's (10 states of 22 dim beads: ~100 to reach 1 degree;
-    a cap of 32 left a cone 2-3.5 degrees too small, +30-50% of PSF error)."""
-    return realism_policy(realism)
-
-
-def rank_by_threshold(singular_values, factor: float = 2.858) -> int:
-    """Number of singular values above ``factor * median`` (II-E-c; Gavish & Donoho)."""
-    s = np.asarray(singular_values, dtype=np.float64)
-    return max(1, int(np.sum(s > factor * np.median(s))))
-
-
-def rank_by_energy(singular_values, tolerance: float = MODE_TOLERANCE) -> int:
-    """Fewest modes J whose truncation error is at most ``tolerance`` of the maps' RMS norm,
-    ``sqrt(sum_{j >= J} s_j^2 / sum_j s_j^2) <= tolerance``.
-
-    With an orthonormal PSF basis, the l2 norm of a coefficient vector is that of its PSF, so
-    this is the RMS relative change of the PSFs over the field and the states that the
-    truncation makes: 1% by default, below the error of any learned PSF (>= 4% in the
-    simulations of ``docs/family.md``).
-    """
-    s = np.asarray(singular_values, dtype=np.float64)
-    tail = np.sqrt(np.clip(np.cumsum((s * s)[::-1])[::-1], 0, None) / max(float(np.sum(s * s)), 1e-300))
-    # tail[j]: the relative error with j modes kept; the first j where it is small enough
-    ok = np.flatnonzero(np.append(tail[1:], 0.0) <= tolerance)
-    return max(1, int(ok[0]) + 1) if ok.size else len(s)
-
-
-MODE_RULES = ("capped", "threshold", "energy")
-
-
-def choose_modes(singular_values, rule: str = "capped") -> int:
-    """J from the maps' singular values: ``"threshold"`` (the paper's 2.858 * median rule,
-    :func:`rank_by_threshold`), ``"energy"`` (:func:`rank_by_energy`, 1% RMS) or
-    ``"capped"`` (the default: the smaller of the two)."""
-    if rule == "capped":
-        return min(rank_by_threshold(singular_values), rank_by_energy(singular_values))
-    if rule == "energy":
-        return rank_by_energy(singular_values)
-    if rule == "threshold":
-        return rank_by_threshold(singular_values)
-    raise InputError(f"mode_rule={rule!r}: expected one of {', '.join(map(repr, MODE_RULES))}")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -394,53 +358,12 @@ def _block_slices(shape, chunk: int) -> list[tuple[slice, slice]]:
             for y in range(0, ny, chunk) for x in range(0, nx, chunk)]
 
 
-_PANEL = 1 << 14  # pixels per float64 panel inside a block
-
-
-def gram_matrix(blk) -> np.ndarray:
-    """``B B^T`` in float64 of the rows of ``blk`` (K*I maps, any spatial shape), panel by panel
-    (no float64 copy of B): the family's Gram matrix, or one spatial block's share of it."""
-    b = np.asarray(blk).reshape(blk.shape[0], -1)
-    g = np.zeros((b.shape[0], b.shape[0]))
-    for start in range(0, b.shape[1], _PANEL):
-        p = b[:, start:start + _PANEL].astype(np.float64)
-        g += p @ p.T
-    return g
-
-
-def modes_of_gram(gram: np.ndarray, n_modes: int | None = None, mode_rule: str = "capped"):
-    """The family's SVD from the Gram matrix ``A A^T`` of its K*I maps (II-D-b).
-
-    Returns
-    -------
-    u : ndarray (K*I, J)
-        The first J left singular vectors of A (eigenvectors of the Gram matrix, decreasing).
-    singular_values : ndarray (K*I,)
-        All singular values of A, decreasing.
-    j : int
-        J: ``n_modes``, or chosen by ``mode_rule`` (:func:`choose_modes`).
-
-    Raises
-    ------
-    InputError
-        ``n_modes`` larger than K*I.
-    """
-    evals, evecs = np.linalg.eigh(gram)
-    order = np.argsort(evals)[::-1]
-    evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
-    sv = np.sqrt(evals)
-    if n_modes is not None and n_modes > len(sv):
-        raise InputError(f"n_modes={n_modes} exceeds K*I = {len(sv)}")
-    j = int(n_modes or min(choose_modes(sv, mode_rule), len(sv)))
-    return evecs[:, :j], sv, j
-
-
 def _project_block(blk, proj) -> np.ndarray:
     """``proj^T B`` of one block: the modes on it, float32."""
     b = np.asarray(blk).reshape(blk.shape[0], -1)
     out = np.empty((proj.shape[1], b.shape[1]), np.float32)
-    for start in range(0, b.shape[1], _PANEL):
-        out[:, start:start + _PANEL] = proj.T @ b[:, start:start + _PANEL].astype(np.float64)
+    for start in range(0, b.shape[1], PANEL):
+        out[:, start:start + PANEL] = proj.T @ b[:, start:start + PANEL].astype(np.float64)
     return out.reshape(proj.shape[1], *blk.shape[1:])
 
 
@@ -533,7 +456,8 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
                  skip_bad: bool = False, svd: str = "auto", power_iterations: int = 2,
                  oversamples: int = 10, seed: int = 0, progress: bool | None = None,
                  client=None, workers: int | None = None,
-                 mode_rule: str = "capped") -> xr.Dataset:
+                 mode_rule: str = "capped", validate: bool | str = "auto",
+                 folds: int = 5) -> xr.Dataset:
     """Learn the family of a microscope's operators from K bead images (paper II-D).
 
     Parameters
@@ -609,6 +533,25 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
     workers : int, optional
         Threads for the per-image tasks without a Client (default: dask's ``num_workers``
         setting or the option ``threads``); 1 runs them in turn.
+    validate : "auto" or bool
+        Cross-validate the family on held-out beads of its images
+        (:func:`pcmx.cross_validation.cross_validate_family`, ``folds`` folds split by
+        ``seed``, the same options, on the beads already extracted) against each image's own
+        operator and the space-invariant reference. The figures go into the store
+        (``cv_error_family``, ``cv_error_single``, ``cv_error_invariant`` per held-out bead,
+        ``cv_median_error_*`` per validated state, ``pcmx_parameters["cross_validation"]``,
+        with the paired comparison of :func:`pcmx.cross_validation.select_model`), and a
+        :class:`~pcmx.io.readers.PcmxWarning` says so when the reference predicts the held-out
+        beads better than the family (``family_better`` in the record: the family beats it by
+        more than one standard error of the paired difference). ``"auto"`` (default): when affordable, i.e. its
+        estimated cost (``2 folds`` times the family's PCA, maps and SVD per image) stays
+        within :data:`VALIDATE_SHARE` of the family's own time or :data:`VALIDATE_MIN_S`
+        seconds; beyond, on as many images as fit, spread over the states (the sub-family is
+        learned and validated as the family would be; the record says so); images with fewer
+        than ``2 folds`` beads are left out of it. True: on every image, whatever it costs
+        (an error where it cannot run); False: never.
+    folds : int
+        Folds of the validation (at least 2).
 
     Returns
     -------
@@ -632,6 +575,10 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
         raise InputError(f"mode_rule={mode_rule!r}: expected one of {', '.join(map(repr, MODE_RULES))}")
     if svd not in ("auto", "gram", "randomized"):
         raise InputError(f"svd={svd!r}: expected 'auto', 'gram' or 'randomized'")
+    if not (validate == "auto" or isinstance(validate, bool)):
+        raise InputError(f"validate={validate!r}: expected 'auto', True or False")
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise InputError(f"folds={folds!r}: need an integer of at least 2")
     if svd == "randomized" and n_modes is None:
         raise InputError("svd='randomized' needs n_modes: the rules choosing J need every "
                          "singular value of the maps (use svd='gram' or 'auto')")
@@ -718,10 +665,89 @@ def learn_family(images, *, n_components: int | None = None, n_modes: int | None
                          chunk=chunk, skip_bad=skip_bad, svd=svd,
                          power_iterations=power_iterations, oversamples=oversamples, seed=seed,
                          progress=progress, client=client, workers=workers,
-                         coords=(ycoord, xcoord, py, px), ref_shape=ref_shape))
+                         coords=(ycoord, xcoord, py, px), ref_shape=ref_shape,
+                         validate=validate, folds=folds, grid=first))
     finally:
         if own:
             shutil.rmtree(ckpt, ignore_errors=True)
+
+
+#: ``validate="auto"``: the family's validation may cost this share of the family's own time...
+VALIDATE_SHARE = 0.2
+#: ... or this many seconds, whichever is more (a small family is always validated in full).
+VALIDATE_MIN_S = 30.0
+
+
+def _validation(validate, folds, good, labels, ckpt, summaries, r, shape, t, t_family, grid, *,
+                n_components, n_modes, realism, mode_rule, seed):
+    """The family's cross-validation on its checkpointed beads (``validate`` of
+    :func:`learn_family`): the per-bead figures (``cv_*`` variables, the states on their own
+    ``cv_state`` dim) and the record for ``pcmx_parameters["cross_validation"]``."""
+    import zarr
+
+    from .cross_validation import cross_validate_family, select_model
+    from .patches import BeadPatches
+
+    record = {"requested": validate, "folds": int(folds)}
+    if validate is False:
+        return None, {**record, "skipped": "not requested (validate=False)"}
+    enough = [k for k in good if int(summaries[k]["n"]) >= 2 * folds]
+    if validate is True:
+        enough = list(good)
+    # one fold repeats the family's PCA, maps and SVD on 1 - 1/folds of the beads, and fits each
+    # image's own operator beside it: about twice the family's per-image cost
+    per_image = 2.0 * (t["psf_basis"] + t["coefficients"] + t["svd"]) / max(len(good), 1)
+    budget = max(VALIDATE_SHARE * t_family, VALIDATE_MIN_S)
+    n_fit = len(enough) if validate is True else min(len(enough), int(budget / max(folds * per_image, 1e-9)))
+    record.update(images=len(good), budget_s=round(budget, 2), estimate_s_per_image=round(folds * per_image, 3))
+    if n_fit < 2:
+        why = (f"too costly: {len(enough)} images with at least {2 * folds} beads, "
+               f"~{folds * per_image:.1f} s each against a budget of {budget:.0f} s" if len(enough) >= 2
+               else f"fewer than 2 images with at least {2 * folds} beads ({2} per fold)")
+        warnings.warn(f"the family is not cross-validated ({why}); pass validate=True to force it",
+                      PcmxWarning, stacklevel=4)
+        return None, {**record, "skipped": why}
+    sample = sorted({enough[i] for i in np.linspace(0, len(enough) - 1, n_fit).astype(int)})
+    bps = []
+    for k in sample:
+        g = zarr.open_group(entry_path(ckpt, "beads", k), mode="r")
+        bps.append(BeadPatches(patches=patches_from_group(g), positions=g["positions"][...], radius=r,
+                               shape=tuple(shape)))
+    t0 = time.perf_counter()
+    try:
+        cv = cross_validate_family(bps, labels=[labels[k] for k in sample], folds=folds,
+                                   n_components=n_components, n_modes=n_modes, psf_radius=r,
+                                   realism=realism, mode_rule=mode_rule, seed=seed, grid=grid)
+    except InputError as exc:
+        if validate is True:
+            raise InputError(f"validate=True: {exc}") from None
+        warnings.warn(f"the family is not cross-validated ({exc})", PcmxWarning, stacklevel=4)
+        return None, {**record, "skipped": str(exc)}
+    fam, single, inv = (cv.attrs[f"median_error_{k}"] for k in ("family", "single", "invariant"))
+    paired = select_model({"space-invariant": cv["cv_error_invariant"].values,
+                           "automatic": cv["cv_error_family"].values}, seed=seed)
+    record.update({
+        "seconds": round(time.perf_counter() - t0, 3), "validated_images": len(sample),
+        "subsampled": len(sample) < len(good), "states": [labels[k] for k in sample],
+        "n_beads": int(cv.sizes["bead"]), "median_error_family": fam, "median_error_single": single,
+        "median_error_invariant": inv, "improvement": inv / fam if fam > 0 else float("inf"),
+        # median over the held-out beads of (reference's error - family's), and its bootstrap
+        # standard error: the family is better beyond the noise where it exceeds one
+        "paired_gain": (paired["paired_difference"]["space-invariant"] if paired["best"] == "automatic"
+                        else -paired["paired_difference"]["automatic"]),
+        "standard_error": max(paired["standard_error"].values()),
+        "family_better": paired["chosen"] == "automatic",
+        "n_components": cv.attrs["n_components"], "n_modes": cv.attrs["n_modes"],
+        "per_state": {str(s): {k: float(cv[f"median_error_{k}"].sel(state=s))
+                               for k in ("family", "single", "invariant")} for s in cv["state"].values}})
+    if inv < fam:
+        warnings.warn(f"cross-validation finds the space-invariant reference predicts held-out beads "
+                      f"better than the family (median held-out error {inv:.3f} vs {fam:.3f} for the "
+                      "family)", PcmxWarning, stacklevel=4)
+    out = cv.rename({"bead": "cv_bead", "state": "cv_state", "n_beads": "cv_n_beads",
+                     **{f"median_error_{k}": f"cv_median_error_{k}" for k in ("family", "single", "invariant")}})
+    out.attrs = {}
+    return out, record
 
 
 def _state_labels(values, ds: xr.Dataset) -> xr.Dataset:
@@ -750,7 +776,8 @@ def _handle_bad(bad: dict, labels, skip_bad: bool, total: int, what: str, usable
 
 def _pipeline(images, labels, digests, probed, bad, ckpt, fingerprint, t, t_all, *, n_components,
               n_modes, mode_rule, psf_radius, pixel_size, background, realism, chunk, skip_bad, svd,
-              power_iterations, oversamples, seed, progress, client, workers, coords, ref_shape):
+              power_iterations, oversamples, seed, progress, client, workers, coords, ref_shape,
+              validate, folds, grid):
     import dask.array as da
     import zarr
 
@@ -873,6 +900,12 @@ def _pipeline(images, labels, digests, probed, bad, ckpt, fingerprint, t, t_all,
     sums = gamma.sum(axis=(1, 2), keepdims=True)
     gamma_norm = gamma / np.where(np.abs(sums) > 0, sums, 1.0)
     t["svd"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cv, cv_record = _validation(validate, folds, good, labels, ckpt, summaries, r, shape, t,
+                                time.perf_counter() - t_all, grid, n_components=n_components,
+                                n_modes=n_modes, realism=realism, mode_rule=mode_rule, seed=seed)
+    if cv_record.get("seconds") is not None:
+        t["validation"] = time.perf_counter() - t0
     t["total"] = time.perf_counter() - t_all
 
     ycoord, xcoord, py, px = coords
@@ -901,6 +934,9 @@ def _pipeline(images, labels, digests, probed, bad, ckpt, fingerprint, t, t_all,
               "timings_s": {k: round(v, 4) for k, v in t.items()}}
     if route == "randomized":
         params.update(power_iterations=power_iterations, oversamples=oversamples, seed=seed)
+    params["cross_validation"] = cv_record
+    if cv is not None:
+        ds = ds.merge(cv)
     # the digests the run was keyed by (hashed once, before any work), not a second reading
     inputs = [(labels[k], digests[k]) for k in good if isinstance(images[k], (str, os.PathLike))]
     ds.attrs = {"pcmx_type": "family", **provenance(params, inputs), "pcmx_skipped": skipped}

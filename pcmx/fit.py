@@ -27,10 +27,10 @@ from .cone import project_nonnegative, reduce_cone
 from .errors import InputError
 from .patches import BeadPatches
 from .psf_basis import fit_psf_basis
-from .units import kernel_coords, pixel_size, spatial_coords
+from .units import from_pixels, kernel_coords, pixel_size, spatial_coords, to_pixels
 
-__all__ = ["Realism", "realism_policy", "fit_operator", "detection_diagnostics", "REALISM_KINDS",
-           "CONE_FLOOR", "NONNEGATIVE_FLOOR", "DETECTION_STATUS"]
+__all__ = ["Realism", "realism_policy", "fit_operator", "fit_basis", "detection_diagnostics", "stored_positions",
+           "used_bead_mask", "REALISM_KINDS", "CONE_FLOOR", "NONNEGATIVE_FLOOR", "DETECTION_STATUS"]
 
 #: What became of each detection (``detection_status`` in an operator store, CF flags).
 DETECTION_STATUS = ("used", "border", "saturated", "hot_pixel", "crowded", "second_peak", "width",
@@ -125,15 +125,39 @@ def realism_policy(value, *, angle_threshold_deg: float | None = None) -> Realis
     return Realism(_ALIASES[key], **kw)
 
 
-def detection_diagnostics(detections: np.ndarray, status, sdims) -> dict:
+def _positions_vars(prefix: str, dim: str, positions: np.ndarray, sdims, grid) -> dict:
+    """``{prefix}_{d}`` variables along ``dim`` of pixel ``positions (M, ndim)``, in the units
+    of ``grid``'s coordinates (:func:`pcmx.units.from_pixels`: micrometres in a calibrated
+    store, pixels with ``units="pixel"`` where the grid has none)."""
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, len(sdims))
+    if grid is None:
+        values = {d: (pos[:, k], "pixel") for k, d in enumerate(sdims)}
+    else:
+        values = from_pixels(grid, **{d: pos[:, k] for k, d in enumerate(sdims)})
+    return {f"{prefix}_{d}": (dim, np.asarray(values[d][0], dtype=np.float64),
+                              {"units": values[d][1]}) for d in sdims}
+
+
+def detection_diagnostics(detections: np.ndarray, status, sdims, grid=None) -> dict:
     """Every detection's position and status as variables of an operator store: ``detection_
-    [z,] y, x`` (pixels) and ``detection_status`` (int8 codes with CF ``flag_values`` /
-    ``flag_meanings``, :data:`DETECTION_STATUS`; "skipped": an isolated bead left out by
-    ``max_beads``)."""
+    [z,] y, x`` (in the units of ``grid``'s coordinates, micrometres in a calibrated store;
+    pixels with ``units="pixel"`` without a grid or calibration) and ``detection_status``
+    (int8 codes with CF ``flag_values`` / ``flag_meanings``, :data:`DETECTION_STATUS`;
+    "skipped": an isolated bead left out by ``max_beads``).
+
+    Parameters
+    ----------
+    detections : ndarray (N, ndim)
+        Pixel positions (:attr:`pcmx.patches.BeadPatches.detections`).
+    status : sequence of str (N,)
+    sdims : tuple of str
+        The spatial dims, e.g. ``("y", "x")``.
+    grid : Dataset or DataArray, optional
+        Gives the coordinates of ``sdims`` (the image, or the operator being built).
+    """
     codes = {name: k for k, name in enumerate(DETECTION_STATUS)}
     flags = np.array([codes.get(str(v) or "skipped", codes["skipped"]) for v in status], dtype=np.int8)
-    out = {f"detection_{d}": ("detection", np.asarray(detections)[:, k], {"units": "pixel"})
-           for k, d in enumerate(sdims)}
+    out = _positions_vars("detection", "detection", detections, sdims, grid)
     out["detection_status"] = ("detection", flags, {
         "flag_values": list(range(len(DETECTION_STATUS))),
         "flag_meanings": " ".join(DETECTION_STATUS),
@@ -141,10 +165,76 @@ def detection_diagnostics(detections: np.ndarray, status, sdims) -> dict:
     return out
 
 
+def stored_positions(ds: xr.Dataset, prefix: str = "bead", *, grid=None) -> np.ndarray | None:
+    """Positions stored in ``{prefix}_[z,] y, x`` as fractional pixel indices ``(M, ndim)``.
+
+    Reads each variable's ``units`` attribute (:func:`pcmx.units.to_pixels`), so stores that
+    keep the positions in micrometres and older ones in pixels (``units="pixel"``, or no
+    ``units``) read alike.
+
+    Parameters
+    ----------
+    ds : Dataset
+        An operator store (``prefix="bead"``: the kept beads, ``"detection"``: every
+        detection, ``"cv_bead"``: the held-out beads).
+    grid : Dataset or DataArray, optional
+        Whose coordinates the positions refer to (default ``ds``; a family's
+        ``spatial_basis``, an image).
+
+    Returns
+    -------
+    ndarray (M, ndim) float64 or None
+        None where ``ds`` has no ``{prefix}_y``.
+    """
+    grid = ds if grid is None else grid
+    dims = [d for d in ("z", "y", "x") if f"{prefix}_{d}" in ds and d in grid.dims]
+    if "y" not in dims or "x" not in dims:
+        return None
+    pos = {}
+    for d in dims:
+        v = ds[f"{prefix}_{d}"]
+        if "units" not in v.attrs and not hasattr(v.data, "units"):
+            v = v.assign_attrs(units="pixel")  # the oldest stores: pixels without units
+        pos[d] = np.atleast_1d(to_pixels(grid, extrapolate=True, **{d: v})[d])
+    return np.stack([pos[d] for d in dims], axis=1)
+
+
+def used_bead_mask(bp: BeadPatches, op: xr.Dataset, *, atol: float = 1e-6) -> np.ndarray:
+    """Which beads of ``bp`` the operator ``op`` was fitted on (its stored ``bead_*``).
+
+    The stored positions are read in their units (:func:`stored_positions`) and matched to
+    ``bp.positions`` (pixels) within ``atol`` pixels (the micrometre round trip moves them by
+    ~1e-13 px).
+
+    Returns
+    -------
+    ndarray (len(bp.positions),) bool
+    """
+    pos = np.asarray(bp.positions, dtype=np.float64)
+    used = stored_positions(op, "bead")
+    mask = np.zeros(len(pos), dtype=bool)
+    if used is None or not len(used) or not len(pos):
+        return mask
+    from scipy.spatial import cKDTree
+
+    dist, idx = cKDTree(pos).query(used[:, -pos.shape[1]:], k=1)
+    mask[idx[dist <= atol]] = True
+    return mask
+
+
+def fit_basis(bp: BeadPatches, n_components: int | None = None, *, outlier_test: str = "field",
+              outlier_sigma: float = 3.0, rank_rule: str = "noise") -> xr.Dataset:
+    """The PSF basis step of :func:`fit_operator` on the beads ``bp`` (already
+    :meth:`~pcmx.patches.BeadPatches.usable_beads`): :func:`pcmx.psf_basis.fit_psf_basis`."""
+    return fit_psf_basis(bp.patches, n_components, r=bp.radius, outlier_test=outlier_test,
+                         outlier_sigma=outlier_sigma, rank_rule=rank_rule)
+
+
 def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float | None = None,
                  realism: Realism | str | bool = "cone", image: xr.DataArray | None = None,
                  outlier_test: str = "field", outlier_sigma: float = 3.0,
-                 rank_rule: str = "noise") -> xr.Dataset:
+                 rank_rule: str = "noise", eta_scale: float = 1.0, at=None,
+                 basis: xr.Dataset | None = None, generators=None) -> xr.Dataset:
     """The operator of one image's beads: PSF basis, realism, coefficient maps (paper II-C).
 
     Parameters
@@ -163,12 +253,28 @@ def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float
         The image, for its coordinates (pixel sizes); pixel units without it.
     outlier_test, outlier_sigma, rank_rule :
         See :func:`pcmx.psf_basis.fit_psf_basis` (``outlier_sigma=inf``: every bead is used).
+    eta_scale : float
+        The smoothing chosen (or ``eta``) times this (model selection's smoother candidate,
+        :func:`pcmx.coefficients.coefficient_maps`).
+    at : array (N, ndim), optional
+        Pixel positions where the maps are wanted instead of the whole grid (cross-validation's
+        held-out beads): the result then has ``heldout_coefficients (heldout, component)``
+        (the exact spline there under the realism projection; the maps of the lattice differ
+        from it by at most their tolerance, 1e-3 to 3e-3 of the PSF) and
+        ``heldout_spline_coefficients`` (before the projection: realism "none" of the same
+        fit), ``psf_basis``, ``bead_*`` (pixels), ``cone_generators``, and no maps.
+    basis, generators : optional
+        This fit's :func:`pcmx.psf_basis.fit_psf_basis` result on ``bp.usable_beads()`` with
+        the same ``n_components`` and outlier options, and its cone's generators: computed
+        once and shared by the candidates of one cross-validation fold.
 
     Returns
     -------
     Dataset
         ``psf_basis (component, [kz,] ky, kx)``, ``coefficients (component, [z,] y, x)``,
-        ``bead_[z,] y, x``, ``observed_coefficients``, ``singular_values``,
+        ``bead_[z,] y, x`` (the kept beads' centres in the image's coordinate units:
+        micrometres where calibrated, else pixels; ``units`` attrs), ``detection_[z,] y, x``
+        and ``detection_status`` (every detection), ``observed_coefficients``, ``singular_values``,
         ``cone_generators`` (realism "cone"), attrs ``pcmx_parameters`` (the choices made,
         counts and timings).
 
@@ -183,8 +289,9 @@ def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float
     nd = len(bp.shape)
     t = {}
     t0 = time.perf_counter()
-    basis = fit_psf_basis(bp.patches, n_components, r=bp.radius, outlier_test=outlier_test,
-                          outlier_sigma=outlier_sigma, rank_rule=rank_rule)
+    if basis is None:
+        basis = fit_basis(bp, n_components, outlier_test=outlier_test, outlier_sigma=outlier_sigma,
+                          rank_rule=rank_rule)
     t["psf_basis"] = time.perf_counter() - t0
     kept = np.asarray(basis["kept"].values, dtype=bool)
     h = np.asarray(basis["psf_basis"].values, dtype=np.float32)
@@ -196,15 +303,28 @@ def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float
         raise InputError(f"only {len(points)} usable beads after rejection; at least {min_beads} "
                          f"are needed to interpolate the PSF over the field")
     t0 = time.perf_counter()
-    proj = policy.setup(beta, h)
+    proj = ({"generators": np.asarray(generators), "project": None}
+            if generators is not None and policy.kind == "cone" else policy.setup(beta, h))
     t["realism"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     maps, tps, info = coefficient_maps(points, beta, bp.shape, eta=eta, return_spline=True,
-                                       bead_weights=np.asarray(basis["weight"].values)[kept], **proj)
+                                       bead_weights=np.asarray(basis["weight"].values)[kept],
+                                       eta_scale=eta_scale, at=at, **proj)
     t["coefficients"] = time.perf_counter() - t0
 
     sdims = ("z", "y", "x")[-nd:]
     kdims = ("kz", "ky", "kx")[-nd:]
+    if at is not None:  # the fit read at the held-out positions only (cross-validation)
+        out = xr.Dataset({"psf_basis": (("component", *kdims), h),
+                          "heldout_coefficients": (("heldout", "component"), maps),
+                          "heldout_spline_coefficients": (("heldout", "component"), info["spline"]),
+                          **{f"bead_{d}": ("bead", points[:, k], {"units": "pixel"})
+                             for k, d in enumerate(sdims)}})
+        if proj["generators"] is not None:
+            out["cone_generators"] = (("generator", "component"), np.asarray(proj["generators"]))
+        out.attrs["pcmx_parameters"] = {"n_components": int(n_i),
+                                        "eta": np.atleast_1d(np.asarray(tps.eta, dtype=float)).tolist()}
+        return out
     if image is not None:
         steps = [pixel_size(image, d) for d in sdims]
         grid = {d: image[d] for d in sdims}
@@ -216,20 +336,20 @@ def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float
         {
             "psf_basis": (("component", *kdims), h),
             "coefficients": (("component", *sdims), maps.astype(np.float32, copy=False)),
-            **{f"bead_{d}": ("bead", points[:, k]) for k, d in enumerate(sdims)},
             "observed_coefficients": (("bead", "component"), beta.astype(np.float32)),
             "singular_values": ("rank", np.asarray(basis["singular_values"].values, dtype=np.float64)),
         },
         coords={"component": np.arange(n_i), **grid, **kernel_coords(h.shape[1:], kstep, dims=kdims)},
     )
-    for d in sdims:
-        ds[f"bead_{d}"].attrs["units"] = "pixel"
+    # the kept beads and every detection in the image's coordinate units (micrometres where
+    # calibrated; pixels with units "pixel" otherwise); in memory BeadPatches stay in pixels
+    ds = ds.assign(_positions_vars("bead", "bead", points, sdims, ds))
     if status is not None:
         det = np.asarray(bp.bead_detection if bp.bead_detection is not None else [], dtype=np.int64)
         if len(det) == len(kept):
             status[det[~kept]] = "outlier"
             status[det[np.flatnonzero(kept)[info["rejected"]]]] = "map_outlier"
-        ds = ds.assign(detection_diagnostics(bp.detections, status, sdims))
+        ds = ds.assign(detection_diagnostics(bp.detections, status, sdims, grid=ds))
     if proj["generators"] is not None:
         ds["cone_generators"] = (("generator", "component"), np.asarray(proj["generators"], dtype=np.float32))
     eta_used = np.atleast_1d(np.asarray(tps.eta, dtype=float))
@@ -238,6 +358,7 @@ def fit_operator(bp: BeadPatches, *, n_components: int | None = None, eta: float
         "n_components": int(n_i), "n_components_requested": n_components,
         "n_components_rule": basis.attrs["n_components_rule"],
         "psf_radius": radius, "eta": eta_used.tolist(), "eta_requested": eta,
+        **({"eta_scale": float(eta_scale)} if eta_scale != 1.0 else {}),
         "realism": policy.record(), "outlier_test": outlier_test,
         "counts": {**bp.counts, "rejected_outlier": int((~kept).sum()),
                    "rejected_map_outlier": int(len(info["rejected"])),

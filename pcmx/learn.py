@@ -23,9 +23,15 @@ from functools import partial
 import numpy as np
 import xarray as xr
 
-from .cross_validation import cross_validate, invariant_reference
+from .cross_validation import (
+    cross_validate,
+    heldout_summary,
+    invariant_reference,
+    model_candidates,
+    select_model,
+)
 from .errors import InputError
-from .fit import fit_operator, realism_policy
+from .fit import fit_operator, realism_policy, used_bead_mask
 from .io.readers import PcmxWarning, as_image
 from .neighbours import neighbour_passes, refit_without_neighbours
 from .patches import bead_patches, source_name
@@ -58,7 +64,7 @@ def invariant_operator(model: xr.Dataset, psf: np.ndarray) -> xr.Dataset:
 def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
                    pixel_size: str | None = None, z_step: str | None = None,
                    threshold: float | None = None, background: str | None = None,
-                   eta: float | None = None, realism="cone",
+                   eta: float | None = None, realism="auto",
                    angle_threshold_deg: float = 1.0, validate: bool | str = "auto", folds: int = 5,
                    seed: int = 0, select: str = "auto",
                    neighbours: int | str = "auto") -> xr.Dataset:
@@ -83,9 +89,10 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
         See :func:`pcmx.patches.bead_patches`.
     eta : float, optional
         Thin-plate smoothing weight; generalized cross-validation when None (App. C-a).
-    realism : {"cone", "nonnegative", "none"}, bool or :class:`pcmx.fit.Realism`
-        How predicted PSFs are kept realistic (App. C-b, C-c); "cone" (True) by default,
-        False or "none" for no projection.
+    realism : {"auto", "cone", "nonnegative", "none"}, bool or :class:`pcmx.fit.Realism`
+        How predicted PSFs are kept realistic (App. C-b, C-c); False or "none" for no
+        projection. "auto" (default): the cone, checked by the model selection against no
+        projection; a given policy is kept.
     angle_threshold_deg : float
         Greedy cone reduction threshold (realism "cone").
     validate : "auto" or bool
@@ -95,12 +102,19 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
         ``2 * folds`` beads with a clean PSF (else a :class:`~pcmx.io.readers.PcmxWarning`
         says the model is unchecked); True: always (an error with too few beads); False: never.
     select : {"auto", "space-varying"}
-        What to store when the validation finds the space-varying model worse than the
-        space-invariant reference (a larger median held-out error): "auto" stores the
-        space-invariant model (one component, the reference's PSF everywhere,
-        :func:`invariant_operator`), "space-varying" keeps the model; a
-        :class:`~pcmx.io.readers.PcmxWarning` says so either way, and
-        ``pcmx_parameters["model_selection"]`` records both errors and the choice.
+        Model selection by held-out error. "auto": the automatic choices (I when
+        ``n_components`` is None, eta when None, the realism when "auto") are each checked
+        against one alternative (:func:`pcmx.cross_validation.model_candidates`: half the
+        components, 4x the GCV smoothing, no projection) and the space-invariant model (one
+        component, the reference's PSF everywhere, :func:`invariant_operator`), all on the
+        same folds; the simplest candidate within one standard error of the best is stored
+        (:func:`pcmx.cross_validation.select_model`), refitted on all beads. "space-varying":
+        the automatic fit is stored whatever the validation says. A
+        :class:`~pcmx.io.readers.PcmxWarning` says so whenever the stored model is the
+        space-invariant one or predicts the held-out beads worse than it;
+        ``pcmx_parameters["model_selection"]`` records every candidate's median held-out
+        error, its paired difference to the best and its standard error, and the choice
+        (``cv_error_candidates`` in the store: per bead).
     neighbours : "auto" or int
         Passes that subtract every other detected bead's light, predicted by the model fitted
         so far, from each bead's patch and refit (:func:`pcmx.neighbours.refit_without_neighbours`);
@@ -118,7 +132,12 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
     """
     source = source_name(image)
     t_start = time.perf_counter()
-    policy = realism_policy(realism, angle_threshold_deg=angle_threshold_deg)
+    check_realism = isinstance(realism, str) and realism.lower() == "auto"
+    policy = realism_policy("cone" if check_realism else realism, angle_threshold_deg=angle_threshold_deg)
+    if select not in SELECT:
+        raise InputError(f"select={select!r}: expected one of {', '.join(map(repr, SELECT))}")
+    if not (validate == "auto" or isinstance(validate, bool)):
+        raise InputError(f"validate={validate!r}: expected 'auto', True or False")
     img = as_image(image, pixel_size=pixel_size)
     if z_step is not None:
         if img.ndim != 3:
@@ -137,58 +156,87 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
                                                       passes=n_passes, threshold=threshold, first=ds)
     except InputError as err:
         raise InputError(f"{source}: {err}") from None
-    params = ds.attrs["pcmx_parameters"]
-    params["neighbours"] = {"requested": neighbours, "passes": record}
-    params.update({"psf_radius_requested": psf_radius, "threshold": threshold,
-                   "background": background or "default"})
-    params["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
-    inputs = [source] if isinstance(image, (str, os.PathLike)) else []
-    ds.attrs = {"pcmx_type": "operator", **provenance(params, inputs)}
-    if select not in SELECT:
-        raise InputError(f"select={select!r}: expected one of {', '.join(map(repr, SELECT))}")
     if validate == "auto":
         validate = int(bp.usable.sum()) >= 2 * folds
         if not validate:
             warnings.warn(f"{source}: only {int(bp.usable.sum())} beads with a clean PSF: too few to "
                           f"cross-validate ({2 * folds} needed for {folds} folds); the model is not "
                           "checked against the space-invariant reference", PcmxWarning, stacklevel=2)
-    elif not isinstance(validate, bool):
-        raise InputError(f"validate={validate!r}: expected 'auto', True or False")
+    selection = None
     if validate:
-        cv = cross_validate(bp, folds=folds, seed=seed, **fit_options)
-        ds = _select(ds, cv, bp, select, source)
+        specs = model_candidates(n_components=n_components, eta=eta, realism=policy,
+                                 n_chosen=int(ds.sizes["component"]), check_realism=check_realism)
+        if select != "auto":
+            specs = specs[:1]
+        t0 = time.perf_counter()
+        cv = cross_validate(bp, folds=folds, seed=seed, candidates=specs, grid=img)
+        ds, cv, selection = _select(ds, cv, bp, img, specs, select, source, seed)
+        selection["seconds"] = round(time.perf_counter() - t0, 4)
+    params = ds.attrs["pcmx_parameters"]
+    params["neighbours"] = {"requested": neighbours, "passes": record}
+    params.update({"psf_radius_requested": psf_radius, "threshold": threshold,
+                   "background": background or "default", "realism_requested": str(realism)})
+    if validate:
+        params["model_selection"] = selection
+        params["cross_validation"] = dict(cv.attrs)
         ds = ds.merge(cv.rename({"bead": "cv_bead"}))
-        ds.attrs["pcmx_parameters"]["cross_validation"] = dict(cv.attrs)
+    params["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
+    inputs = [source] if isinstance(image, (str, os.PathLike)) else []
+    attrs = {"pcmx_type": "operator", **provenance(params, inputs)}
+    ds.attrs = attrs
     return ds
 
 
-def _select(ds: xr.Dataset, cv: xr.Dataset, bp, select: str, source: str) -> xr.Dataset:
-    """Model selection by held-out error: the space-varying model, or the space-invariant one."""
-    med, med_inv = cv.attrs["median_error"], cv.attrs["median_error_invariant"]
-    worse = med > med_inv
-    record = {"median_error": med, "median_error_invariant": med_inv,
-              "ratio": med_inv / med if med > 0 else float("inf"),
-              "chosen": "space-invariant" if worse and select == "auto" else "space-varying",
-              "select": select}
+def _select(ds: xr.Dataset, cv: xr.Dataset, bp, img, specs: list[dict], select: str, source: str,
+            seed: int) -> tuple[xr.Dataset, xr.Dataset, dict]:
+    """Model selection by held-out error (:func:`pcmx.cross_validation.select_model`): the
+    stored model (``ds``: the automatic fit; a candidate refitted on all beads, or the
+    space-invariant model), ``cv`` with ``cv_error`` and its figures those of the stored
+    model, and the record."""
+    names = [c["name"] for c in specs]
+    if "cv_error_candidates" in cv:
+        errors = {str(n): cv["cv_error_candidates"].sel(candidate=n).values for n in cv["candidate"].values}
+    else:
+        errors = {"automatic": cv["cv_error"].values, "space-invariant": cv["cv_error_invariant"].values}
+    rec = select_model(errors, seed=seed)
+    chosen = rec["chosen"] if select == "auto" else "automatic"
+    record = {"select": select, **rec, "chosen": chosen,
+              "candidates": {c["name"]: {"n_components": c["n_components"], "eta_scale": c["eta_scale"],
+                                         "realism": c["realism"].kind} for c in specs}}
     params = ds.attrs["pcmx_parameters"]
-    params["model_selection"] = record
-    if not worse:
-        return ds
-    if select == "auto":
+    if chosen == "space-invariant":
         # the reference of all the beads the model used: the flux-weighted mean of their patches
-        dims = ("z", "y", "x")[-bp.positions.shape[1]:]
-        used = np.stack([ds[f"bead_{d}"].values for d in dims], axis=1)
-        key = {tuple(p) for p in used.tolist()}
-        mask = np.array([tuple(p) in key for p in bp.positions.tolist()], dtype=bool)
-        psf = invariant_reference(bp.subset(mask))
+        # (stored in the image's units: matched to bp's pixel positions by used_bead_mask)
+        psf = invariant_reference(bp.subset(used_bead_mask(bp, ds)))
         out = invariant_operator(ds, psf)
         out.attrs["pcmx_parameters"] = {**params, "n_components": 1,
                                         "n_components_rule": "model selection: space-invariant"}
-        warnings.warn(f"{source}: cross-validation finds the space-varying model worse than the "
-                      f"space-invariant reference (median held-out error {med:.3f} vs {med_inv:.3f}): "
+    elif chosen != "automatic":
+        spec = specs[names.index(chosen)]
+        try:
+            out = fit_operator(bp, image=img, n_components=spec["n_components"], eta=spec["eta"],
+                               realism=spec["realism"], eta_scale=spec["eta_scale"])
+        except InputError as err:
+            raise InputError(f"{source}: {err}") from None
+        out.attrs["pcmx_parameters"]["n_components_rule"] = (
+            f"model selection: {chosen} (rank rule: {params['n_components']})"
+            if chosen == "fewer components" else out.attrs["pcmx_parameters"]["n_components_rule"])
+    else:
+        out = ds
+    err = np.asarray(errors[chosen], dtype=np.float64)
+    cv = cv.assign(cv_error=("bead", err.astype(np.float32)))
+    cv.attrs.update(heldout_summary(err, cv["cv_error_invariant"].values.astype(np.float64),
+                                    cv["cv_flux"].values.astype(np.float64)))
+    cv.attrs["model"] = chosen
+    med, med_inv = record["median_error"][chosen], record["median_error"]["space-invariant"]
+    auto = record["median_error"]["automatic"]
+    if chosen == "space-invariant":
+        warnings.warn(f"{source}: cross-validation finds the space-varying model no better than the "
+                      f"space-invariant reference (median held-out error {auto:.3f} vs {med_inv:.3f}, "
+                      f"within one standard error {record['standard_error']['automatic']:.3f} or worse): "
                       "stored the space-invariant model (select='auto')", PcmxWarning, stacklevel=3)
-        return out
-    warnings.warn(f"{source}: cross-validation finds the space-varying model worse than the "
-                  f"space-invariant reference (median held-out error {med:.3f} vs {med_inv:.3f}); "
-                  "stored it all the same (select='space-varying')", PcmxWarning, stacklevel=3)
-    return ds
+    elif med > med_inv:
+        warnings.warn(f"{source}: cross-validation finds the stored space-varying model worse than the "
+                      f"space-invariant reference (median held-out error {med:.3f} vs {med_inv:.3f}); "
+                      f"stored it all the same (select={select!r})", PcmxWarning, stacklevel=3)
+    return out, cv, record

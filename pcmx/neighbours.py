@@ -40,6 +40,7 @@ from scipy.spatial import cKDTree
 from . import background as bg
 from . import beads
 from .errors import InputError
+from .execution import progress_bar
 from .patches import BeadPatches
 
 __all__ = ["subtract_neighbours", "refit_without_neighbours", "model_kernels", "neighbour_passes",
@@ -303,12 +304,15 @@ def neighbour_passes(neighbours, ndim: int) -> int:
 
 
 def refit_without_neighbours(bp: BeadPatches, image, fit, *, passes: int = 3, tol: float = 0.01,
-                             detections=None, threshold: float | None = None, first=None, **kwargs):
+                             detections=None, threshold: float | None = None, first=None,
+                             progress: bool | None = None, **kwargs):
     """Fit, subtract the neighbours with the fit, refit; at most ``passes`` subtractions, until
     the coefficients at the beads move less than ``tol`` (relative l2).
 
     ``fit`` maps BeadPatches to an operator (e.g. ``functools.partial(fit_operator, ...)``).
-    ``first``: the operator already fitted on ``bp`` (fitted here when None). Returns the last
+    ``first``: the operator already fitted on ``bp`` (fitted here when None). ``progress``:
+    a bar with one tick per pass (:func:`pcmx.execution.progress_bar`; None: the option
+    ``progress``): a pass of a 3D stack takes seconds to tens of seconds. Returns the last
     operator, the cleaned patches and a record of the passes.
     """
     work = np.asarray(getattr(image, "values", image), dtype=np.float32)
@@ -317,13 +321,18 @@ def refit_without_neighbours(bp: BeadPatches, image, fit, *, passes: int = 3, to
     op = fit(bp) if first is None else first
     record = []
     cur = bp
-    for _ in range(int(passes)):
-        before = model_kernels(op, bp.positions)
-        cur, info = subtract_neighbours(bp, op, work, detections=detections, return_info=True, **kwargs)
-        op = fit(cur)
-        after = model_kernels(op, bp.positions)
-        move = float(np.linalg.norm(after - before) / max(np.linalg.norm(before), 1e-30))
-        record.append({**info, "change": round(move, 5)})
-        if move < tol:
-            break
+    with progress_bar(progress, int(passes), "neighbour passes", "pass") as bar:
+        for _ in range(int(passes)):
+            before = model_kernels(op, bp.positions)
+            cur, info = subtract_neighbours(bp, op, work, detections=detections, return_info=True,
+                                            **kwargs)
+            op = fit(cur)
+            after = model_kernels(op, bp.positions)
+            move = float(np.linalg.norm(after - before) / max(np.linalg.norm(before), 1e-30))
+            record.append({**info, "change": round(move, 5)})
+            bar.update(1)
+            if move < tol:
+                bar.total = bar.n  # converged early: the bar ends full
+                bar.refresh()
+                break
     return op, cur, record

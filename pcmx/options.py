@@ -14,7 +14,9 @@ option                 meaning
                        or the environment variable ``PCMX_SPECTRUM_CACHE_MB`` read at first
                        use); a smaller bound evicts at once
 ``progress``           show progress bars where a function's ``progress`` is left None
-                       (default False)
+                       (default: True in an interactive session, a Jupyter kernel (widgets,
+                       :mod:`tqdm.auto`) or an interactive interpreter; False in scripts,
+                       batch jobs and tests; the command line shows them on a terminal)
 ====================== ====================================================================
 
 Setting an option to None restores its default.
@@ -60,6 +62,21 @@ def _default_cache_mb() -> int:
     return value
 
 
+def _interactive() -> bool:
+    """True in a Jupyter kernel or an interactive interpreter (the default of ``progress``)."""
+    import sys
+
+    if "IPython" in sys.modules:  # a notebook (tqdm.auto draws widgets) or IPython's shell
+        try:
+            from IPython import get_ipython
+
+            if get_ipython() is not None:
+                return True
+        except Exception:  # noqa: BLE001
+            pass
+    return hasattr(sys, "ps1") or bool(getattr(sys.flags, "interactive", 0))
+
+
 def _count(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         kind = "a positive" if minimum > 0 else "a non-negative"
@@ -78,7 +95,7 @@ _SPEC: dict[str, tuple[Callable, Callable[[], object]]] = {
     "threads": (lambda v: _count("threads", v, 1), cpu_count),
     "blas_threads": (lambda v: _count("blas_threads", v, 1), lambda: None),
     "spectrum_cache_mb": (lambda v: _count("spectrum_cache_mb", v, 0), _default_cache_mb),
-    "progress": (lambda v: _flag("progress", v), lambda: False),
+    "progress": (lambda v: _flag("progress", v), _interactive),
     "any_pixel_size": (lambda v: _flag("any_pixel_size", v), lambda: False),
 }
 
@@ -167,7 +184,9 @@ class set_options:  # noqa: N801  (a function to its users, as xarray.set_option
         Bound of the kernel-spectrum cache in MiB (0 keeps only the latest spectra); a
         smaller bound evicts at once. None: 2048, or ``PCMX_SPECTRUM_CACHE_MB``.
     progress : bool, optional
-        Progress bars where a function's ``progress`` argument is left None.
+        Progress bars (:mod:`tqdm.auto`) on the steps that take more than a few seconds,
+        where a function's ``progress`` argument is left None. None: on in a Jupyter kernel
+        or an interactive interpreter, off in scripts, batch jobs and tests.
     any_pixel_size : bool, optional
         Accept pixel sizes outside the range of optical microscopy (1 nm to 100 um) wherever
         one is parsed (other optics, e.g. a telescope's image-plane pixels; the command

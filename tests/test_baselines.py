@@ -10,8 +10,10 @@ import pcmx
 from pcmx import _backend
 from pcmx.deblur import sparse_smooth
 from pcmx.deblur.baselines import (
+    divergence,
     estimate_offset,
     fista_haar,
+    gradient,
     richardson_lucy_tv,
     scale_operator,
     tikhonov,
@@ -317,3 +319,151 @@ def test_cupy_in_cupy_out_with_the_numpy_numbers(case):
     assert isinstance(gy, np.ndarray)
     np.testing.assert_allclose(gy, fy, atol=1e-6)
     np.testing.assert_allclose(gx, fx, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the in-place RL loop
+def _rl_reference(y, H, *, lam, n_iter, offset, eps=None):
+    """Richardson-Lucy(-TV) as written before the in-place loop (a temporary per operation,
+    2D and 3D): the optimized :func:`richardson_lucy_tv` must give the same numbers."""
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    periodic = H.boundary == "periodic"
+
+    def grad(u):
+        if periodic:
+            return [np.roll(u, -1, ax) - u for ax in range(u.ndim)]
+        out = []
+        for ax in range(u.ndim):
+            g = np.zeros_like(u)
+            lo = (slice(None),) * ax + (slice(None, -1),)
+            hi = (slice(None),) * ax + (slice(1, None),)
+            g[lo] = u[hi] - u[lo]
+            out.append(g)
+        return out
+
+    def div(p):
+        if periodic:
+            d = p[0] - np.roll(p[0], 1, 0)
+            for ax in range(1, len(p)):
+                d = d + p[ax] - np.roll(p[ax], 1, ax)
+            return d
+        d = np.zeros_like(p[0])
+        for ax, q in enumerate(p):
+            lo = (slice(None),) * ax + (slice(None, -1),)
+            hi = (slice(None),) * ax + (slice(1, None),)
+            d[lo] += q[lo]
+            d[hi] -= q[lo]
+        return d
+
+    ht1 = np.asarray(H.adjoint(np.ones_like(y)), dtype=np.float32)
+    ht1 = np.maximum(ht1, np.float32(1e-3) * float(ht1.max()))
+    flux = max(float(np.sum(np.maximum(y - offset, 0), dtype=np.float64)), 1e-12)
+    eps = np.float32(1e-3 * flux / y.size if eps is None else eps)
+    u = np.full_like(y, flux / float(np.sum(ht1, dtype=np.float64)))
+    y_pos = np.maximum(y, 0)
+    b32, tiny = np.float32(offset), np.float32(1e-12 * max(flux / y.size, 1e-30))
+    for _ in range(n_iter):
+        model = np.asarray(H.apply(u), dtype=np.float32)
+        corr = np.asarray(H.adjoint(y_pos / np.maximum(model + b32, tiny)), dtype=np.float32)
+        if lam > 0:
+            g = grad(u)
+            norm = np.sqrt(sum(q * q for q in g) + eps * eps)
+            denom = ht1 - np.float32(lam) * div([q / norm for q in g])
+            denom = np.maximum(denom, np.float32(0.1) * ht1)
+        else:
+            denom = ht1
+        u = u * corr / denom
+    return u
+
+
+def _assert_same(u, ref, what):
+    u = np.asarray(u)
+    assert u.dtype == np.float32, what
+    scale = float(np.abs(ref).max())
+    # the same float32 operations in the same order: equal to rounding (measured: bit for bit)
+    assert float(np.abs(u - ref).max()) <= 1e-6 * scale, what
+
+
+def test_richardson_lucy_in_place_equals_the_reference(case):
+    op, y = case["op"], case["y"]
+    for boundary in ("reflect", "zero", "periodic"):
+        H = pcmx.ProductConvolution(op, boundary=boundary)
+        for lam in (0.0, 0.002):
+            u = richardson_lucy_tv(y, H, lam=lam, n_iter=15, offset=OFFSET)
+            _assert_same(u, _rl_reference(y, H, lam=lam, n_iter=15, offset=OFFSET), (boundary, lam))
+    # an apply/adjoint object that is not a ProductConvolution and returns views of its
+    # input (here: H = identity): its outputs are copied before being overwritten
+    class Identity:
+        boundary = "zero"
+        shape = y.shape
+
+        def apply(self, u):
+            return u
+
+        adjoint = apply
+
+    ident = Identity()
+    u = richardson_lucy_tv(y, ident, lam=0.0, n_iter=3, offset=OFFSET)
+    _assert_same(u, _rl_reference(y, ident, lam=0.0, n_iter=3, offset=OFFSET), "identity")
+    assert not np.shares_memory(u, y)
+
+
+@pytest.fixture(scope="module")
+def stack_case():
+    """A 12 x 40 x 36 stack of three balls blurred by a 3D operator of two components (3D
+    Gaussians whose weights vary along x and z), plus an offset and noise."""
+    nz, ny, nx = 12, 40, 36
+    kz, ky, kx = np.mgrid[-2:3, -4:5, -4:5].astype(np.float64)
+    h = np.stack([np.exp(-(kz ** 2 / 1.5 + (ky ** 2 + kx ** 2) / s) / 2) for s in (1.5, 5.0)])
+    h /= h.sum(axis=(1, 2, 3), keepdims=True)
+    w = np.linspace(0.2, 0.8, nx)[None, None, :] * np.linspace(0.7, 1.3, nz)[:, None, None]
+    w = np.broadcast_to(w, (nz, ny, nx))
+    op = xr.Dataset({"psf_basis": (("component", "kz", "ky", "kx"), h.astype(np.float32)),
+                     "coefficients": (("component", "z", "y", "x"),
+                                      np.stack([w, 1 - w]).astype(np.float32))},
+                    attrs={"pcmx_type": "operator"})
+    rng = np.random.default_rng(3)
+    zz, yy, xx = np.mgrid[:nz, :ny, :nx]
+    x = np.full((nz, ny, nx), 1.0, np.float32)
+    for cz, cy, cx, r, a in [(5, 12, 10, 3, 80.0), (7, 28, 24, 4, 50.0), (4, 30, 8, 2.5, 120.0)]:
+        x[(zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] += a
+    H = pcmx.ProductConvolution(op, boundary="reflect")
+    y = (H.apply(x) + OFFSET + rng.normal(0, 0.5, x.shape)).astype(np.float32)
+    return {"op": op, "H": H, "x": x, "y": y}
+
+
+def test_richardson_lucy_3d(stack_case):
+    H, x, y = stack_case["H"], stack_case["x"], stack_case["y"]
+    for lam in (0.0, 0.002):
+        u = richardson_lucy_tv(y, H, lam=lam, n_iter=10, offset=OFFSET)
+        assert u.shape == y.shape and u.min() >= 0
+        _assert_same(u, _rl_reference(y, H, lam=lam, n_iter=10, offset=OFFSET), ("3d", lam))
+    # deconvolution sharpens: closer to the sharp stack than the blurred one, in 3D
+    # (measured: relative error 0.544 after 40 iterations, 0.614 blurred)
+    u = richardson_lucy_tv(y, H, lam=0.0, n_iter=40, offset=OFFSET)
+    assert _err(u, x) < 0.92 * _err(y - OFFSET, x)
+    # a DataArray (z, y, x) comes back with its dims; Tikhonov takes the stack too
+    da = xr.DataArray(y, dims=("z", "y", "x"))
+    out = richardson_lucy_tv(da, stack_case["op"], n_iter=2, offset=OFFSET)
+    assert isinstance(out, xr.DataArray) and out.dims == ("z", "y", "x")
+    t = tikhonov(y, H, lam=0.01, offset=OFFSET, max_iter=30)
+    assert t.shape == y.shape and _err(t, x) < _err(y - OFFSET, x)
+    with pytest.raises(InputError, match=r"image has 4 dimensions \(2, 12, 40, 36\); pcmx takes 2D"):
+        richardson_lucy_tv(np.zeros((2, *y.shape), np.float32), H)
+    with pytest.raises(InputError, match="image: contains 1 NaN or infinite values"):
+        bad = y.copy()
+        bad[1, 2, 3] = np.nan
+        richardson_lucy_tv(bad, H)
+    with pytest.raises(InputError, match=r"image: expected a 2D \(y, x\) image"):
+        fista_haar(y, H)
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_divergence_is_minus_the_adjoint_of_the_gradient_in_3d(periodic):
+    rng = np.random.default_rng(1)
+    u = rng.standard_normal((5, 7, 6))
+    p = [rng.standard_normal(u.shape) for _ in range(3)]
+    lhs = sum(float(np.vdot(g, q)) for g, q in zip(gradient(u, periodic), p, strict=True))
+    assert lhs == pytest.approx(-float(np.vdot(u, divergence(*p, periodic=periodic))), rel=1e-12)
+    # the 2D call with periodic given positionally still works
+    p2 = [q[0] for q in p[1:]]
+    assert np.allclose(divergence(*p2, periodic), divergence(*p2, periodic=periodic))

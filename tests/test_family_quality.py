@@ -82,7 +82,7 @@ def sim():
 
 @pytest.fixture(scope="module")
 def family(sim):
-    return learn_family(sim["image"], psf_radius=R)
+    return learn_family(sim["image"], psf_radius=R, validate=False)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def test_automatic_radius_pools_the_beads_of_all_images(sim, grid):
     at 8-11 px, the mean of ~130 at ~14. Compared on a 49 x 49 window (the wings included)
     with each image's own automatic operator."""
     window = 49
-    fam = learn_family(sim["image"], progress=False)
+    fam = learn_family(sim["image"], progress=False, validate=False)
     params = fam.attrs["pcmx_parameters"]
     est = params["psf_radius_estimate"]
     print(f"\nautomatic r: family {params['psf_radius']} px (pooled over {est['pooled_beads']} beads "

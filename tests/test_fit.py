@@ -73,3 +73,41 @@ def test_too_few_beads_is_refused(sim):
     bp = bead_patches(as_image(sim["image"])).subset(np.arange(3))
     with pytest.raises(InputError, match=r"^only \d usable beads after rejection; at least 4 are needed"):
         fit_operator(bp, n_components=1)
+
+
+def test_neighbour_passes_show_a_bar_only_when_asked(sim, capsys):
+    """refit_without_neighbours: one tqdm tick per pass on stderr with progress on (the
+    argument, or the option where it is left None), nothing with it off."""
+    import pcmx
+    from pcmx.neighbours import refit_without_neighbours
+
+    img = as_image(sim["image"])
+    bp = bead_patches(img)
+    first = fit_operator(bp, image=img)
+
+    def fit(b):
+        return fit_operator(b, image=img)
+
+    capsys.readouterr()
+    refit_without_neighbours(bp, img, fit, passes=1, first=first, progress=True)
+    err = capsys.readouterr().err
+    assert "neighbour passes" in err and "1/1" in err
+    with pcmx.set_options(progress=True):
+        refit_without_neighbours(bp, img, fit, passes=1, first=first)
+    assert "neighbour passes" in capsys.readouterr().err
+    with pcmx.set_options(progress=True):
+        refit_without_neighbours(bp, img, fit, passes=1, first=first, progress=False)
+    with pcmx.set_options(progress=False):
+        op, _, record = refit_without_neighbours(bp, img, fit, passes=1, first=first)
+    assert capsys.readouterr().err == ""
+    assert len(record) == 1 and op["bead_y"].attrs["units"] == "micrometer"
+
+
+def test_progress_default_is_off_outside_an_interactive_session():
+    """Scripts, batch jobs and tests get no bars unless asked; a notebook or an interactive
+    interpreter gets them (pcmx.options._interactive)."""
+    import pcmx
+    from pcmx.options import _interactive
+
+    assert _interactive() is False
+    assert pcmx.get_options()["progress"] is False

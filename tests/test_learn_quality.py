@@ -16,7 +16,7 @@ import scipy.ndimage as ndi
 import xarray as xr
 
 import pcmx
-from pcmx.fit import fit_operator
+from pcmx.fit import fit_operator, stored_positions
 from pcmx.io.readers import as_image
 from pcmx.patches import BeadPatches, bead_patches
 from pcmx.simulate import simulate_beads, true_psfs
@@ -70,9 +70,8 @@ def _floor(bp, op, sim):
 
 
 def _used_indices(bp, op):
-    key = {(round(y, 6), round(x, 6)): i for i, (y, x) in enumerate(bp.positions)}
-    return [key[(round(y, 6), round(x, 6))] for y, x in zip(op["bead_y"].values, op["bead_x"].values,
-                                                           strict=True)]
+    # the stored positions are in micrometres: read back in pixels, each the nearest bead
+    return [int(np.argmin(np.hypot(*(bp.positions - p).T))) for p in stored_positions(op)]
 
 
 @pytest.fixture(scope="module")

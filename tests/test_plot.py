@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -251,8 +253,12 @@ def test_plot_validation_maps_the_held_out_beads(tmp_path):
     from pcmx.plot import plot_validation
     from pcmx.simulate import simulate_beads
 
-    op = pcmx.learn_operator(simulate_beads((192, 192), 40, photons=30000.0, min_separation=20,
-                                            seed=1)["image"], validate=True, folds=3)
+    image = simulate_beads((192, 192), 40, photons=30000.0, min_separation=20, seed=1)["image"]
+    with warnings.catch_warnings():
+        # the figure, not the model selection, is under test: keep the space-varying model
+        # whatever its margin over the space-invariant reference on so few beads
+        warnings.filterwarnings("ignore", message=".*cross-validation finds", category=pcmx.PcmxWarning)
+        op = pcmx.learn_operator(image, validate=True, folds=3, select="space-varying")
     fig = plot_validation(op)
     ax_map, ax_hist = fig.axes[:2]
     assert len(ax_map.collections[0].get_offsets()) == op.sizes["cv_bead"]

@@ -30,7 +30,8 @@ import shutil
 from ..errors import InputError, PcmxError, StoreError, StoreExistsError
 
 __all__ = ["int_at_least", "real", "check_output", "check_distinct", "Outputs", "open_input_store",
-           "worded", "store_target", "add_channel_arguments"]
+           "worded", "store_target", "add_channel_arguments", "add_scheduler_arguments",
+           "check_scheduler", "scheduler_client"]
 
 
 # -- argument types (argparse reports their errors as "argument --OPTION: MESSAGE") -------------
@@ -184,6 +185,79 @@ def add_channel_arguments(parser) -> None:
                              "index or a name (default: the first, with a warning)")
     parser.add_argument("--time", type=int_at_least(0), default=None,
                         help="time point of a time series (default: the first, with a warning)")
+
+
+def add_scheduler_arguments(parser, *, memory_limit: bool = False) -> None:
+    """``--scheduler ADDRESS|local:N`` (and ``--memory-limit``): where the Dask work runs."""
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run on a dask.distributed cluster: a scheduler address "
+                             "(tcp://host:8786), or local:N to start a local cluster of N worker "
+                             "processes; outputs must be on a filesystem the workers see "
+                             "(default: threads of this process)")
+    if memory_limit:
+        parser.add_argument("--memory-limit", default=None, metavar="SIZE",
+                            help="memory limit of each worker of --scheduler local:N, e.g. 2GB "
+                                 "(default: the machine's memory shared among the workers)")
+
+
+def check_scheduler(spec: str | None, memory_limit: str | None = None) -> None:
+    """Check ``--scheduler`` and ``--memory-limit`` before any work (:func:`scheduler_client`).
+
+    Raises
+    ------
+    InputError
+        ``local:N`` with N not a positive integer, an address that is not ``host:port`` or a
+        URL (``tcp://host:8786``), a ``--memory-limit`` that is not a size, or one given
+        without ``--scheduler local:N``.
+    """
+    if spec is not None:
+        if not spec.strip():
+            raise InputError("--scheduler '': an empty address; give tcp://HOST:PORT or local:N")
+        if spec.startswith("local:"):
+            n = spec.split(":", 1)[1]
+            if not n.isdigit() or int(n) < 1:
+                raise InputError(f"--scheduler {spec}: expected local:N with N >= 1 workers")
+        elif not re.fullmatch(r"([a-z][a-z0-9+.-]*://)?[^\s:/]+(:\d+)?/?", spec):
+            raise InputError(f"--scheduler {spec}: not a scheduler address; give tcp://HOST:PORT "
+                             "or local:N")
+    if memory_limit is not None:
+        from dask.utils import parse_bytes
+
+        try:
+            ok = parse_bytes(memory_limit) > 0
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise InputError(f"--memory-limit {memory_limit}: not a memory size (e.g. 2GB, 512MiB)")
+        if spec is None or not spec.startswith("local:"):
+            raise InputError("--memory-limit is the limit of the workers of --scheduler local:N; "
+                             "a cluster's workers have their own")
+
+
+def scheduler_client(spec: str, memory_limit: str | None = None):
+    """A ``dask.distributed`` Client for ``--scheduler``: ``(client, cluster)``.
+
+    ``local:N`` starts a :class:`distributed.LocalCluster` of N single-threaded worker
+    processes (each with ``memory_limit``; cluster is then to be closed after the client);
+    another value is the address of a running scheduler (cluster None).
+
+    Raises
+    ------
+    InputError
+        A malformed spec (:func:`check_scheduler`) or a scheduler that cannot be reached.
+    """
+    from distributed import Client, LocalCluster
+
+    check_scheduler(spec, memory_limit)
+    if spec.startswith("local:"):
+        n = int(spec.split(":", 1)[1])
+        kw = {"memory_limit": memory_limit} if memory_limit is not None else {}
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=None, **kw)
+        return Client(cluster), cluster
+    try:
+        return Client(spec, timeout="20s"), None
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise InputError(f"--scheduler {spec}: cannot connect ({type(exc).__name__}: {exc})") from None
 
 
 def check_distinct(targets) -> None:

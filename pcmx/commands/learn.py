@@ -37,9 +37,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--background", choices=["global", "local"], default=None,
                         help="background estimator (default: the least biased, see docs/background.md)")
     parser.add_argument("--eta", type=real(0), default=None, help="TPS smoothing (default: GCV)")
-    parser.add_argument("--realism", choices=("cone", "nonnegative", "none"), default="cone",
+    parser.add_argument("--realism", choices=("auto", "cone", "nonnegative", "none"), default="auto",
                         help="realism projection of the maps (App. C-b): the cone of observed "
-                             "coefficients (default), non-negative PSFs, or none")
+                             "coefficients, non-negative PSFs, or none; auto (default): the cone, "
+                             "checked against non-negative PSFs by the model selection")
     parser.add_argument("--no-realism", dest="realism", action="store_const", const="none",
                         help="same as --realism none")
     parser.add_argument("--validate", dest="validate", action="store_const", const=True, default="auto",
@@ -48,9 +49,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-validate", dest="validate", action="store_const", const=False,
                         help="do not cross-validate (and so keep the space-varying model unchecked)")
     parser.add_argument("--select", choices=("auto", "space-varying"), default="auto",
-                        help="where cross-validation finds the space-invariant reference better: "
-                             "store it (auto, default) or keep the space-varying model; a warning "
-                             "says so either way")
+                        help="model selection by held-out error: auto (default) checks each "
+                             "automatic choice (I, the smoothing, the realism) against one "
+                             "alternative and the space-invariant model on the same folds and "
+                             "stores the simplest within one standard error of the best; "
+                             "space-varying keeps the automatic fit; a warning says when the "
+                             "stored model is the space-invariant one or worse than it")
     parser.add_argument("--folds", type=int_at_least(2), default=5,
                         help="cross-validation folds, at least 2 (default 5)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -124,5 +128,8 @@ def run(args) -> int:
               f"brightest third {cv['median_error_bright']:.3f} vs "
               f"{cv['median_error_invariant_bright']:.3f}")
         sel = p.get("model_selection", {})
-        print(f"stored model: {sel.get('chosen', 'space-varying')}")
+        med = sel.get("median_error", {})
+        print("model selection (median held-out error; one-standard-error rule): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in med.items()))
+        print(f"stored model: {sel.get('chosen', 'automatic')}")
     return 0

@@ -14,7 +14,8 @@ parent directories) and the store is written atomically.
 
 from __future__ import annotations
 
-from ._common import int_at_least
+from ._common import add_channel_arguments, int_at_least
+from ._common import scheduler_client as _client
 
 NAME = "learn-family"
 HELP = "learn a family of operators from bead images under varying conditions (paper II-D)"
@@ -39,6 +40,7 @@ def add_arguments(parser) -> None:
                              "telescope's image-plane pixels)")
     parser.add_argument("--planes-as-states", action="store_true",
                         help="each plane of the given z-stack(s) is one state")
+    add_channel_arguments(parser)
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out images that cannot be used (unreadable, wrong shape, "
                              "non-finite, no or too few beads) instead of stopping; they are listed "
@@ -59,36 +61,19 @@ def add_arguments(parser) -> None:
                         help="realism projection of the maps: PSFs >= -1%% of their peak "
                              "(default), the paper's cone of observed coefficients, or none")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    parser.add_argument("--validate", action="store_true",
-                        help="also cross-validate the family on held-out beads of every image "
-                             "against each image's own operator and the space-invariant reference "
-                             "(pcmx.cross_validation.cross_validate_family, same options; the images "
-                             "are read into memory); the figures go into the store, and a warning "
-                             "says when the reference predicts better")
-    parser.add_argument("--folds", type=int, default=5, help="folds of --validate (default 5)")
+    parser.add_argument("--validate", dest="validate", action="store_const", const=True, default="auto",
+                        help="cross-validate the family on held-out beads of every image against "
+                             "each image's own operator and the space-invariant reference, whatever "
+                             "it costs (default: when affordable, on a spread subset of the images "
+                             "for large K; pcmx.family.learn_family's validate); the figures go "
+                             "into the store, and a warning says when the reference predicts "
+                             "better")
+    parser.add_argument("--no-validate", dest="validate", action="store_const", const=False,
+                        help="do not cross-validate the family")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing store, and discard a checkpoint made with other "
                              "arguments or inputs")
-
-
-def _client(spec: str):
-    from distributed import Client, LocalCluster
-
-    from ..errors import InputError
-
-    if spec.startswith("local:"):
-        try:
-            n = int(spec.split(":", 1)[1])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise InputError(f"--scheduler {spec}: expected local:N with N >= 1 workers")
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=None)
-        return Client(cluster), cluster
-    try:
-        return Client(spec, timeout="20s"), None
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise InputError(f"--scheduler {spec}: cannot connect ({type(exc).__name__}: {exc})") from None
 
 
 _OPTIONS = {"n_components": "--components", "n_modes": "--modes",
@@ -108,7 +93,7 @@ def run(args) -> int:
     from ..io.readers import natural_sort, read_image
     from ._common import Outputs, check_output, store_target, worded
 
-    if args.validate and args.folds < 2:  # before any work
+    if args.validate is not False and args.folds < 2:  # before any work
         raise InputError(f"--folds {args.folds}: need at least 2")
     out = check_output(store_target(args.output, args.group), "--output", kind="store",
                        overwrite=args.overwrite)
@@ -127,13 +112,20 @@ def run(args) -> int:
     if args.planes_as_states:
         images = []
         for p in paths:
-            stack = read_image(p, pixel_size=args.pixel_size)
+            stack = read_image(p, pixel_size=args.pixel_size, channel=args.channel, time=args.time)
             if stack.ndim != 3:
                 raise InputError(f"{p}: --planes-as-states needs a z-stack, got dims {stack.dims}")
             for z in range(stack.sizes["z"]):
                 plane = stack.isel(z=z, drop=True)
                 plane.attrs["source"] = f"{os.path.basename(p)}[z={z}]"
                 images.append(plane)
+    elif args.channel is not None or args.time is not None:  # one channel / time point of each
+        images = []
+        for p in paths:
+            with worded(image=p, options={"channel": "--channel", "time": "--time"}):
+                image = read_image(p, pixel_size=args.pixel_size, channel=args.channel, time=args.time)
+            image.attrs["source"] = os.path.basename(p)
+            images.append(image)
     checkpoint = args.checkpoint or os.path.abspath(out).rstrip(os.sep) + ".partial"
     client = cluster = None
     with Outputs(lock=[out]) as outputs:  # a second writer of the output fails before its work
@@ -148,7 +140,8 @@ def run(args) -> int:
                                           psf_radius=args.psf_radius, pixel_size=args.pixel_size,
                                           checkpoint=checkpoint, overwrite_checkpoint=args.overwrite,
                                           skip_bad=args.skip_bad, svd=args.svd, realism=args.realism,
-                                          mode_rule=args.mode_rule,
+                                          mode_rule=args.mode_rule, validate=args.validate,
+                                          folds=args.folds,
                                           progress=not args.no_progress, client=client)
                 except InputError as exc:
                     done = os.path.join(checkpoint, "beads")
@@ -163,8 +156,6 @@ def run(args) -> int:
                 cluster.close()
         for w in caught:
             print(f"pcmx {NAME}: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
-        if args.validate:
-            _validate(ds, images, args)
         outputs.store(out, ds, overwrite=args.overwrite, root=args.output if args.group else None)
     shutil.rmtree(checkpoint, ignore_errors=True)
     p = ds.attrs["pcmx_parameters"]
@@ -178,39 +169,24 @@ def run(args) -> int:
         print(f"skipped {len(p['skipped'])} of {p['n_images']} images:")
         for s in p["skipped"]:
             print(f"  {s['name']}: {s['reason']}")
+    _print_validation(p)
     t = p["timings_s"]
     print("time " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()) + f" (SVD: {p['svd']}, "
           f"{p['scheduler']})")
     return 0
 
 
-def _validate(ds, images, args) -> None:
-    """Cross-validate the family as it was learned (``--validate``): its figures into the store's
-    ``pcmx_parameters["cross_validation"]``, a warning when the reference predicts better."""
-    import sys
-
-    from ..cross_validation import cross_validate_family
-    from ..errors import InputError
-
-    p = ds.attrs["pcmx_parameters"]
-    if p["skipped"]:
-        raise InputError("--validate: some images were skipped (--skip-bad); validate the usable "
-                         "images on their own")
-    cv = cross_validate_family(images, folds=args.folds, n_components=args.components,
-                               n_modes=args.modes, psf_radius=p["psf_radius"],
-                               realism=args.realism, pixel_size=args.pixel_size,
-                               mode_rule=args.mode_rule)
-    fam, single, inv = (cv.attrs[f"median_error_{k}"] for k in ("family", "single", "invariant"))
-    p["cross_validation"] = {
-        "folds": int(args.folds), "median_error_family": fam, "median_error_single": single,
-        "median_error_invariant": inv, "improvement": inv / fam if fam > 0 else float("inf"),
-        "per_state": {str(s): {k: float(cv[f"median_error_{k}"].sel(state=s))
-                               for k in ("family", "single", "invariant")}
-                      for s in cv["state"].values}}
-    print(f"cross-validation ({args.folds} folds, {int(cv.sizes['bead'])} held-out beads): median "
+def _print_validation(p: dict) -> None:
+    """The family's cross-validation record (``pcmx_parameters["cross_validation"]``)."""
+    cv = p.get("cross_validation") or {}
+    if "skipped" in cv:
+        print(f"cross-validation: not run ({cv['skipped']})")
+        return
+    if "median_error_family" not in cv:
+        return
+    fam, single, inv = cv["median_error_family"], cv["median_error_single"], cv["median_error_invariant"]
+    sub = (f" on {cv['validated_images']} of {cv['images']} images spread over the states (the cost "
+           "budget)" if cv.get("subsampled") else "")
+    print(f"cross-validation ({cv['folds']} folds, {cv['n_beads']} held-out beads{sub}): median "
           f"error family {fam:.3f}, single operators {single:.3f}, space-invariant reference "
-          f"{inv:.3f} ({inv / fam:.2f}x)")
-    if fam > inv:
-        print(f"pcmx {NAME}: warning: cross-validation finds the family worse than the "
-              f"space-invariant reference (median held-out error {fam:.3f} vs {inv:.3f})",
-              file=sys.stderr)
+          f"{inv:.3f} ({cv['improvement']:.2f}x)")

@@ -57,17 +57,51 @@ def _engine(operator, boundary: str):
                      f"or an object with apply() and adjoint(); got {type(operator).__name__}")
 
 
-def _image(image, op):
-    """The image as a float32 array of its own library (checked by
-    :func:`pcmx.deblur.checked_image`), and the DataArray to rebuild the output from."""
+def _image(image, op, ndims=(2,)):
+    """The image as a float32 array of its own library (checked as
+    :func:`pcmx.deblur.checked_image` does, in 2D or, where ``ndims`` allows, 3D), and the
+    DataArray to rebuild the output from."""
     template = image if isinstance(image, xr.DataArray) else None
-    data = checked_image(image).data
+    if 3 in ndims and getattr(image, "ndim", None) != 2:
+        from ..io.readers import as_image
+
+        img = as_image(image)
+        if img.ndim not in ndims:
+            raise InputError(f"image: expected a 2D (y, x) or 3D (z, y, x) image, got dims {img.dims}")
+        data = img.data
+        if img.ndim == 2:
+            data = checked_image(img).data
+        else:
+            if data.dtype.kind not in "fiu":
+                raise InputError(f"image: dtype {data.dtype} is not a real number type")
+            if data.dtype.kind == "f":
+                n = int(_backend.xp(data).count_nonzero(~_backend.xp(data).isfinite(data)))
+                if n:
+                    raise InputError(f"image: contains {n} NaN or infinite values")
+    else:
+        data = checked_image(image).data
     xp = _backend.xp(data)
     a = xp.ascontiguousarray(xp.asarray(data), dtype=np.float32)
     shape = getattr(op, "shape", None)
     if shape is not None and tuple(shape) != a.shape:
         raise InputError(f"image: shape {a.shape} does not match the operator's grid {tuple(shape)}")
     return a, template
+
+
+def _owned(a, xp, fresh: bool):
+    """``a`` (an operator's output) as a float32 array this module may overwrite: a
+    :class:`pcmx.ProductConvolution` returns a new array on every call (``fresh``); any other
+    apply/adjoint object's output is copied, since it might be a view of its input or a
+    buffer it reuses."""
+    a = xp.asarray(a, dtype=np.float32)
+    owned = fresh and a.flags.c_contiguous and getattr(a.flags, "writeable", True)
+    return a if owned else a.copy()
+
+
+def _fresh_outputs(op) -> bool:
+    from ..operator import ProductConvolution
+
+    return isinstance(op, ProductConvolution)
 
 
 def _wrap(u, template, name: str, attrs: dict):
@@ -127,51 +161,68 @@ def _boundary(op) -> str:
 
 
 def gradient(u, periodic: bool):
-    """Forward differences ``(D_y u, D_x u)`` of the total variation and the Tikhonov penalty.
+    """Forward differences ``(D_y u, D_x u)`` (``(D_z u, D_y u, D_x u)`` in 3D) of the total
+    variation and the Tikhonov penalty.
 
     Parameters
     ----------
-    u : array (ny, nx), NumPy or CuPy
+    u : array (ny, nx) or (nz, ny, nx), NumPy or CuPy
     periodic : bool
         Periodic differences (``u[0] - u[-1]`` across the edge), else Neumann: zero difference
-        across the last row and column.
+        across the last row and column (plane).
 
     Returns
     -------
-    (array, array)
-        ``gy``, ``gx`` of ``u``'s shape and library; the adjoint is ``-divergence``.
+    tuple of arrays
+        One per axis, of ``u``'s shape and library; the adjoint is ``-divergence``.
     """
     xp = _backend.xp(u)
     if periodic:
-        return xp.roll(u, -1, 0) - u, xp.roll(u, -1, 1) - u
-    gy = xp.zeros_like(u)
-    gx = xp.zeros_like(u)
-    gy[:-1] = u[1:] - u[:-1]
-    gx[:, :-1] = u[:, 1:] - u[:, :-1]
-    return gy, gx
+        return tuple(xp.roll(u, -1, ax) - u for ax in range(u.ndim))
+    out = []
+    for ax in range(u.ndim):
+        g = xp.zeros_like(u)
+        lo, hi = _axis(ax, None, -1), _axis(ax, 1, None)
+        g[lo] = u[hi] - u[lo]
+        out.append(g)
+    return tuple(out)
 
 
-def divergence(py, px, periodic: bool):
+def _axis(ax: int, start, stop):
+    return (slice(None),) * ax + (slice(start, stop),)
+
+
+def divergence(*p, periodic: bool | None = None):
     """Divergence, the negative adjoint of :func:`gradient`: ``<gradient(u), p> = -<u, div p>``.
+
+    Called ``divergence(py, px, periodic)`` (``divergence(pz, py, px, periodic)`` in 3D), or
+    with ``periodic=`` by keyword.
 
     Parameters
     ----------
-    py, px : array (ny, nx), NumPy or CuPy
+    *p : arrays (ny, nx) or (nz, ny, nx), NumPy or CuPy
+        One per axis, as :func:`gradient` returns them.
     periodic : bool
         As for :func:`gradient`.
 
     Returns
     -------
-    array (ny, nx)
+    array of ``p[0]``'s shape
     """
-    xp = _backend.xp(py)
+    if periodic is None:
+        *p, periodic = p
+    xp = _backend.xp(p[0])
     if periodic:
-        return py - xp.roll(py, 1, 0) + px - xp.roll(px, 1, 1)
-    d = xp.zeros_like(py)
-    d[:-1] += py[:-1]
-    d[1:] -= py[:-1]
-    d[:, :-1] += px[:, :-1]
-    d[:, 1:] -= px[:, :-1]
+        d = p[0] - xp.roll(p[0], 1, 0)
+        for ax, q in enumerate(p[1:], start=1):
+            d += q
+            d -= xp.roll(q, 1, ax)
+        return d
+    d = xp.zeros_like(p[0])
+    for ax, q in enumerate(p):
+        inner = q[_axis(ax, None, -1)]
+        d[_axis(ax, None, -1)] += inner
+        d[_axis(ax, 1, None)] -= inner
     return d
 
 
@@ -193,14 +244,14 @@ def tikhonov(image, operator, *, lam: float | None = None, offset: float | None 
 
     Parameters
     ----------
-    image : array or DataArray, shape (ny, nx)
-        The blurred image ``y``.
+    image : array or DataArray, shape (ny, nx) or (nz, ny, nx)
+        The blurred image ``y`` (a z-stack with a 3D operator).
     operator : ProductConvolution, operator Dataset, store path, or apply/adjoint object
         ``H``.
     lam : float, optional
         Weight of the penalty. Default: the noise-to-signal power ratio
         ``sigma^2 / (var(y) - sigma^2)`` with ``sigma`` the noise level estimated from the
-        image (the constant of the classical Wiener filter).
+        image (the constant of the classical Wiener filter; of the central plane of a stack).
     offset : float, optional
         Camera offset ``b`` subtracted from the image; :func:`estimate_offset` when None.
     max_iter : int
@@ -232,17 +283,17 @@ def tikhonov(image, operator, *, lam: float | None = None, offset: float | None 
     ``conj(h^) y^ / (|h^|^2 + lam |d^|^2)``; CG converges to it.
     """
     op = _engine(operator, boundary)
-    y, template = _image(image, op)
+    y, template = _image(image, op, ndims=(2, 3))
     xp = _backend.xp(y)
     b = _offset(y, offset)
-    lam = _default_lam(y - b, estimate_noise(y)) if lam is None else _positive(lam, "lam", allow_zero=True)
+    lam = _default_lam(y - b, estimate_noise(y if y.ndim == 2 else y[y.shape[0] // 2])) if lam is None else _positive(lam, "lam", allow_zero=True)
     max_iter = _count(max_iter, "max_iter")
     tol = _positive(tol, "tol", allow_zero=True)
     periodic = _boundary(op) == "periodic"
 
     def normal(u):
-        gy, gx = gradient(u, periodic)
-        return op.adjoint(op.apply(u)) - np.float32(lam) * divergence(gy, gx, periodic)
+        return op.adjoint(op.apply(u)) - np.float32(lam) * divergence(*gradient(u, periodic),
+                                                                      periodic=periodic)
 
     u = xp.zeros_like(y) if x0 is None else xp.array(x0, dtype=np.float32)
     r = op.adjoint(y - np.float32(b)) - (normal(u) if x0 is not None else 0)
@@ -316,8 +367,9 @@ def richardson_lucy_tv(image, operator, *, lam: float = 0.002, n_iter: int = 50,
 
     Parameters
     ----------
-    image : array or DataArray, shape (ny, nx)
-        The blurred image ``y`` (photon counts plus the offset).
+    image : array or DataArray, shape (ny, nx) or (nz, ny, nx)
+        The blurred image ``y`` (photon counts plus the offset); a z-stack with a 3D
+        operator.
     operator : ProductConvolution, operator Dataset, store path, or apply/adjoint object
     lam : float
         TV weight (dimensionless: the TV gradient is scale invariant; Dey et al. use about
@@ -352,37 +404,66 @@ def richardson_lucy_tv(image, operator, *, lam: float = 0.002, n_iter: int = 50,
     the same flux.
     """
     op = _engine(operator, boundary)
-    y, template = _image(image, op)
+    y, template = _image(image, op, ndims=(2, 3))
     xp = _backend.xp(y)
     b = _offset(y, offset)
     lam = _positive(lam, "lam", allow_zero=True)
     n_iter = _count(n_iter, "n_iter")
     periodic = _boundary(op) == "periodic"
-    ht1 = xp.asarray(op.adjoint(xp.ones_like(y)), dtype=np.float32)
+    fresh = _fresh_outputs(op)
+    ht1 = _owned(op.adjoint(xp.ones_like(y)), xp, fresh)
     floor = np.float32(1e-3) * float(ht1.max())
     if not floor > 0:
         raise InputError("operator: H^T 1 is zero everywhere; nothing to deconvolve")
-    ht1 = xp.maximum(ht1, floor)
+    xp.maximum(ht1, floor, out=ht1)
     flux = max(float(xp.sum(xp.maximum(y - b, 0), dtype=np.float64)), 1e-12)
     eps = np.float32(1e-3 * flux / y.size if eps is None else _positive(eps, "eps"))
     u = xp.full_like(y, flux / float(xp.sum(ht1, dtype=np.float64)))
     y_pos = xp.maximum(y, 0)  # read noise can make counts negative; Poisson needs >= 0
+    del y
     b32 = np.float32(b)
-    tiny = np.float32(1e-12 * max(flux / y.size, 1e-30))
+    tiny = np.float32(1e-12 * max(flux / u.size, 1e-30))
+    if lam > 0:
+        lam32, eps2 = np.float32(lam), eps * eps
+        clamp = np.float32(0.1) * ht1
+    # Every step in place on arrays this loop owns (no temporaries of the image's size
+    # beyond the operator's own), in the order of the textbook expressions, so the result
+    # is bit for bit that of ``u * H^T(y / max(H u + b, tiny)) / denom``.
     for _ in range(n_iter):
-        model = xp.asarray(op.apply(u), dtype=np.float32)
-        ratio = y_pos / xp.maximum(model + b32, tiny)
+        ratio = _owned(op.apply(u), xp, fresh)  # H u, turned into y / max(H u + b, tiny)
+        xp.add(ratio, b32, out=ratio)
+        xp.maximum(ratio, tiny, out=ratio)
+        xp.divide(y_pos, ratio, out=ratio)
         corr = xp.asarray(op.adjoint(ratio), dtype=np.float32)
+        del ratio
         if lam > 0:
-            gy, gx = gradient(u, periodic)
-            norm = xp.sqrt(gy * gy + gx * gx + eps * eps)
-            denom = ht1 - np.float32(lam) * divergence(gy / norm, gx / norm, periodic)
-            denom = xp.maximum(denom, np.float32(0.1) * ht1)
+            denom = _tv_denominator(u, ht1, clamp, lam32, eps2, periodic, xp)
         else:
             denom = ht1
-        u = u * corr / denom
+        xp.multiply(u, corr, out=u)
+        xp.divide(u, denom, out=u)
+        del corr
     return _wrap(u, template, "richardson_lucy_tv",
                  {"method": "richardson_lucy_tv", "lam": lam, "offset": b, "iterations": n_iter})
+
+
+def _tv_denominator(u, ht1, clamp, lam32, eps2, periodic: bool, xp):
+    """``max(H^T 1 - lam div(grad u / |grad u|_eps), 0.1 H^T 1)``, the gradient's arrays
+    reused in place."""
+    g = gradient(u, periodic)
+    norm = g[0] * g[0]
+    for q in g[1:]:
+        norm += q * q
+    norm += eps2
+    xp.sqrt(norm, out=norm)
+    for q in g:
+        xp.divide(q, norm, out=q)
+    del norm
+    d = divergence(*g, periodic=periodic)
+    del g
+    xp.multiply(d, lam32, out=d)
+    xp.subtract(ht1, d, out=d)
+    return xp.maximum(d, clamp, out=d)
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,6 +83,8 @@ GAMMA1_FACTOR = 4.0
 BACKGROUND_SCALE_FWHM = 2.0
 """Default background length scale, in FWHMs of the PSF."""
 _LIPSCHITZ_SAFETY = 1.02
+SPARSE_STEP_SHARE = 0.1
+"""``c`` of the block step sizes ``tau1 = 1 / ((1 + c) L)`` (u1), ``tau2 = c tau1`` (u2)."""
 _BACKTRACK = 1.1  # step divided by this when the sufficient-decrease test fails
 
 
@@ -320,7 +322,7 @@ class _SmoothProx:
 # Sparse+Smooth
 # --------------------------------------------------------------------------------------------
 def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float | None = None,
-                  offset: float | None = None, max_iter: int = 300, tol: float = 5e-4,
+                  offset: float | None = None, max_iter: int = 300, tol: float = 1e-4,
                   restart: bool = True, background_scale: float | None = None,
                   boundary: str = "reflect", callback=None) -> xr.Dataset:
     """Sparse+Smooth deblurring with a known operator (paper App. D-b).
@@ -410,8 +412,9 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
     lip = lipschitz_estimate(op, like=y) * _LIPSCHITZ_SAFETY
     if not lip > 0:
         raise InputError("operator: H is zero (its norm estimate is 0); nothing to deblur")
-    tau = 1.0 / (2.0 * lip)
-    prox2 = _SmoothProx(y.shape, tau * g2, like=y)
+    share = SPARSE_STEP_SHARE
+    tau = 1.0 / ((1.0 + share) * lip)  # u1's step; u2's is share * tau (see the module docstring)
+    prox2 = _SmoothProx(y.shape, share * tau * g2, like=y)
     fixed_b = None if offset is None else float(offset)
 
     def dot(a, b) -> float:
@@ -447,6 +450,7 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
             n1 = v1 - step
             n1 -= np.float32(tau * g1)
             xp.maximum(n1, 0.0, out=n1)
+            step *= np.float32(share)
             step = xp.subtract(v2, step, out=step)
             n2 = prox2(step)
             hn = xp.asarray(op.apply(n1 + n2), dtype=np.float32)
@@ -454,18 +458,19 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
             f_n = 0.5 * dot(rn, rn)
             e1, e2 = n1 - v1, n2 - v2
             bound = (f_v + dot(grad, e1) + dot(grad, e2)
-                     + (dot(e1, e1) + dot(e2, e2)) / (2.0 * tau))
+                     + (dot(e1, e1) + dot(e2, e2) / share) / (2.0 * tau))
             if f_n <= bound + 1e-6 * abs(f_v) + 1e-12:
                 break
             tau /= _BACKTRACK
-            prox2.set_step(tau * g2)
+            prox2.set_step(share * tau * g2)
             backtracks += 1
         d1, d2 = n1 - u1, n2 - u2
         # the proximal-gradient step at the extrapolated point: zero exactly at a minimiser
         change = np.sqrt(dot(e1, e1) + dot(e2, e2))
         size = np.sqrt(dot(n1, n1) + dot(n2, n2))
-        if restart and dot(e1, d1) + dot(e2, d2) < 0:
-            # gradient restart: <y_k - x_{k+1}, x_{k+1} - x_k> > 0 (O'Donoghue & Candes)
+        if restart and dot(e1, d1) + dot(e2, d2) / share < 0:
+            # gradient restart: <y_k - x_{k+1}, x_{k+1} - x_k> > 0 in the steps' metric
+            # (O'Donoghue & Candes)
             t_new, beta = 1.0, 0.0
             restarts += 1
         else:
@@ -510,7 +515,7 @@ def sparse_smooth(image, operator, *, gamma1: float | None = None, gamma2: float
             "noise_sigma": float(dw["noise_sigma"]), "noise_source": dw["noise_source"],
             "noise_estimate": float(dw["noise_estimate"]), "noise_floor": float(dw["noise_floor"]),
             "noise_clipped_fraction": float(dw["noise_clipped_fraction"]),
-            "noise_warning": dw["noise_warning"], "lipschitz": float(1.0 / (2.0 * tau)),
+            "noise_warning": dw["noise_warning"], "lipschitz": float(1.0 / ((1.0 + share) * tau)),
             "backtracks": int(backtracks),
             "background_scale_px": float(dw["background_scale_px"]),
             "psf_fwhm_px": float(dw["psf_fwhm_px"]), "psf_l2": float(dw["psf_l2"]),

@@ -449,7 +449,10 @@ def describe_store(ds: xr.Dataset, *, status: str = "valid") -> str:
                      f"({cv.get('improvement', float('nan')):.2f}x)")
         sel = params.get("model_selection")
         if isinstance(sel, dict):
-            lines.append(f"stored model: {sel.get('chosen')} (select={sel.get('select')!r})")
+            med = sel.get("median_error")
+            cands = (" among " + ", ".join(f"{k} {v:.3f}" for k, v in med.items())
+                     if isinstance(med, dict) else "")
+            lines.append(f"stored model: {sel.get('chosen')} (select={sel.get('select')!r}){cands}")
     if "detection_status" in ds:
         meanings = str(ds["detection_status"].attrs.get("flag_meanings", "")).split()
         codes = np.asarray(ds["detection_status"].values)

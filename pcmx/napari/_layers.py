@@ -228,7 +228,11 @@ def points_layers(ds: xr.Dataset, ref: xr.DataArray | None = None) -> list[tuple
         if names is None:
             continue
         dim = ds[names[0]].dims[0] if ds[names[0]].dims else None
-        pixels = to_pixels(ref, extrapolate=True, **{d: ds[v] for d, v in zip(field, names, strict=True)})
+        # each variable read in its units: micrometres (stores since issue 14) or pixels (older
+        # stores, units "pixel"; the oldest had no units attr: pixels too)
+        pos = {d: ds[v] if "units" in ds[v].attrs or hasattr(ds[v].data, "units")
+               else ds[v].assign_attrs(units="pixel") for d, v in zip(field, names, strict=True)}
+        pixels = to_pixels(ref, extrapolate=True, **pos)
         world = np.stack([np.atleast_1d(pixels[d]) for d in field], axis=-1) * scale + translate
         features = _features(ds, dim, set(names)) if dim else {}
         if colour in features:
