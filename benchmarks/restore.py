@@ -247,9 +247,10 @@ class InvariantRL:
 # timing helpers
 # --------------------------------------------------------------------------------------------
 def timed(fn):
-    t = time.perf_counter()
+    """(wall seconds, CPU seconds of this process: user + system, all threads) of ``fn()``."""
+    c, t = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    return np.array([time.perf_counter() - t, time.process_time() - c])
 
 
 def per_iteration(run, n1, n2):
@@ -260,7 +261,8 @@ def per_iteration(run, n1, n2):
 
 
 def med(values):
-    return float(np.median(values))
+    """Medians of (wall, cpu) pairs."""
+    return np.median(np.asarray(values), axis=0)
 
 
 def cpu_seconds():
@@ -294,14 +296,14 @@ def measure_case(label, op_ds, y, *, rounds, n1, n2, tiled_iter, chunks, no_peer
                                                     chunks=chunks, halo=0, offset=OFFSET))
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     for r in range(rounds):
-        rows["pair"].append(med([timed(lambda: H.adjoint(H.apply(y))) for _ in range(3)]))
+        rows["pair"].append(med([timed(lambda: H.adjoint(H.apply(y))) for _ in range(2)]))
         rows["restore"].append(per_iteration(
             lambda n: restore(y, H, method="rl", iterations=n, offset=OFFSET), n1, n2))
         rows["rl_tv"].append(per_iteration(
             lambda n: richardson_lucy_tv(y, H, lam=0.0, n_iter=n, offset=OFFSET), n1, n2))
         rows["rl_before"].append(per_iteration(lambda n: rl_before(y, H, n, OFFSET), n1, n2))
         rows["invariant"].append(timed(lambda: inv.iterate(n2 - n1)) / (n2 - n1))
-        rows["pair"].append(med([timed(lambda: H.adjoint(H.apply(y))) for _ in range(3)]))
+        rows["pair"].append(med([timed(lambda: H.adjoint(H.apply(y))) for _ in range(2)]))
         if tiled_iter:
             rows["memory_whole"].append(timed(lambda: restore(y, H, method="rl", iterations=tiled_iter,
                                                               offset=OFFSET)))
@@ -309,13 +311,15 @@ def measure_case(label, op_ds, y, *, rounds, n1, n2, tiled_iter, chunks, no_peer
                                                        chunks=chunks, offset=OFFSET)))
             rows["tiled_halo0"].append(timed(lambda: restore(y, H, method="rl", iterations=tiled_iter,
                                                              chunks=chunks, halo=0, offset=OFFSET)))
-        print(f"  {label} round {r + 1}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in rows.items() if v),
-              flush=True)
+        print(f"  {label} round {r + 1}: " + ", ".join(
+            f"{k} {v[-1][0] * 1e3:.0f}/{v[-1][1] * 1e3:.0f} ms" for k, v in rows.items() if v)
+            + f" (wall/cpu); load {os.getloadavg()[0]:.1f}", flush=True)
     cpu_share = (cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
     res = {k: med(v) for k, v in rows.items() if v}
     res.update(n_vox=n_vox, shape=y.shape, kernel=H.kernel_shape, I=H.n_components, halo=halo,
                chunks=chunks, tiled_iter=tiled_iter, cpu_share=cpu_share, rounds=rounds, cold=cold,
-               raw={k: v for k, v in rows.items() if v})
+               raw={k: np.asarray(v).tolist() for k, v in rows.items() if v},
+               load=os.getloadavg())
     # the tiled windows: pixels restored (tile + halo, clipped) over the image's
     extent = 1.0
     for n, c, h in zip(y.shape, chunks, halo, strict=True):
@@ -349,11 +353,15 @@ else:
         with scipy.fft.set_workers(-1):
             doRLDeconvolutionFromNpArrays(np.maximum(y - OFFSET, 0), psf, niter=n, method="cpu")
 inv = InvariantRL(y, psf, OFFSET)
+def timed(fn):
+    c, t = time.process_time(), time.perf_counter()
+    fn()
+    return [(time.perf_counter() - t) / n, (time.process_time() - c) / n]
 peer_t, inv_t = [], []
 for _ in range(rounds):
-    t = time.perf_counter(); peer(); peer_t.append((time.perf_counter() - t) / n)
-    t = time.perf_counter(); inv.iterate(n); inv_t.append((time.perf_counter() - t) / n)
-print(json.dumps({"peer": float(np.median(peer_t)), "invariant": float(np.median(inv_t)),
+    peer_t.append(timed(peer))
+    inv_t.append(timed(lambda: inv.iterate(n)))
+print(json.dumps({"peer": np.median(peer_t, axis=0).tolist(), "invariant": np.median(inv_t, axis=0).tolist(),
                   "version": version}))
 """
 
@@ -394,67 +402,79 @@ def part_memory(args):
 
 def memory_lines(results, args) -> list[str]:
     lines = ["## Restoration", "",
-             f"Measured by `benchmarks/restore.py` on {os.cpu_count()} cores ({platform.machine()}, "
-             f"shared with other users: every ratio compares timings taken alternately in one "
-             f"process), {time.strftime('%Y-%m-%d')}; medians of {args.rounds} rounds. "
-             "Reproduce: `.venv/bin/python benchmarks/restore.py --parts memory` "
-             "(peers: `python benchmarks/restore.py --setup-peers` once).", "",
+             f"Measured by `benchmarks/restore.py` on {os.cpu_count()} cores ({platform.machine()}), "
+             f"{time.strftime('%Y-%m-%d')}; medians of {args.rounds} rounds, the rows of a case "
+             "interleaved round by round in one process. Reproduce: `.venv/bin/python "
+             "benchmarks/restore.py --parts memory` (peers: `python benchmarks/restore.py "
+             "--setup-peers` once).", "",
              "How to read it: *pair* is one `apply` and one `adjoint` of "
-             "`pcmx.ProductConvolution` in memory (all cores), what an RL iteration needs; "
-             "per-iteration times are `(T(n2) - T(n1)) / (n2 - n1)` of whole calls "
+             "`pcmx.ProductConvolution` in memory (all cores), what an RL iteration needs. "
+             "Per-iteration times are `(T(n2) - T(n1)) / (n2 - n1)` of whole calls "
              f"(n1 = 2, n2 = {args.iterations}), so they leave out the set-up (`H^T 1`, the "
-             "start). *voxel-it/s* is voxels x iterations per second. Target: an RL iteration "
-             f"within {TARGET}x of the pair, tiled within {TARGET}x of in memory.", ""]
+             "start). *CPU* is the process's user + system time (all threads): the machine is "
+             "shared (its load average is given per case) and wall times swing with the other "
+             "users' work, while CPU times measure the work done; the targets are judged on "
+             "both. *voxel-it/s* is voxels x iterations per wall second. Targets: an RL "
+             f"iteration within {TARGET}x of the pair; tiled within {TARGET}x of in memory.", ""]
     for r in results.values():
         shape = "x".join(map(str, r["shape"]))
         kern = "x".join(map(str, r["kernel"]))
-        pair = r["pair"]
+        pair = np.asarray(r["pair"])
         lines += [f"#### {shape}, I = {r['I']}, {kern} kernels, boundary reflect", "",
-                  "| method | per iteration | voxel-it/s | / pair | notes |", "|---|---|---|---|---|"]
+                  f"Load average {r['load'][0]:.1f} (1 min) at the end of the case.", "",
+                  "| method | per iteration, wall | CPU | voxel-it/s | / pair, wall | / pair, CPU | notes |",
+                  "|---|---|---|---|---|---|---|"]
 
         def row(name, t, note="", r=r, pair=pair, lines=lines):
-            lines.append(f"| {name} | {t * 1e3:.0f} ms | {r['n_vox'] / t / 1e6:.1f} M | "
-                         f"{t / pair:.2f} | {note} |")
+            t = np.asarray(t)
+            lines.append(f"| {name} | {t[0] * 1e3:.0f} ms | {t[1] * 1e3:.0f} ms | "
+                         f"{r['n_vox'] / t[0] / 1e6:.1f} M | {t[0] / pair[0]:.2f} | {t[1] / pair[1]:.2f} | {note} |")
+
+        def verdict(t, ref):
+            w, c = np.asarray(t) / np.asarray(ref)
+            return f"target {TARGET}: " + ("met" if max(w, c) <= TARGET else
+                                           "met on CPU" if c <= TARGET else "NOT met")
 
         row("pair: apply + adjoint", pair, "the operator's cost per RL iteration")
-        row("pcmx.restore rl, in memory", r["restore"],
-            "target 1.3: " + ("met" if r["restore"] / pair <= TARGET else "NOT met"))
-        row("richardson_lucy_tv (lam=0), in place", r["rl_tv"],
-            "target 1.3: " + ("met" if r["rl_tv"] / pair <= TARGET else "NOT met"))
+        row("pcmx.restore rl, in memory", r["restore"], verdict(r["restore"], pair))
+        row("richardson_lucy_tv (lam=0), in place", r["rl_tv"], verdict(r["rl_tv"], pair))
+        saved = np.asarray(r["rl_before"]) - np.asarray(r["rl_tv"])
         row("the same loop before (a temporary per operation)", r["rl_before"],
-            f"A/B: in place saves {(r['rl_before'] - r['rl_tv']) * 1e3:.0f} ms "
-            f"({(1 - r['rl_tv'] / r['rl_before']) * 100:.0f}%)")
+            f"A/B: in place saves {saved[0] * 1e3:.0f} ms wall, {saved[1] * 1e3:.0f} ms CPU")
+        ratio = np.asarray(r["restore"]) / np.asarray(r["invariant"])
         row("invariant FFT RL (one kernel, 4 FFTs)", r["invariant"],
-            f"space variation costs {r['restore'] / r['invariant']:.1f}x (restore rl / this)")
+            f"space variation costs {ratio[0]:.1f}x wall, {ratio[1]:.1f}x CPU (restore rl / this)")
         peer = r.get("peer")
         if peer and "error" not in peer:
-            t = r["invariant"] * peer["peer"] / peer["invariant"]
-            row(f"{peer['version']}, invariant", t,
-                f"timed in its own process alternately with the invariant FFT RL: "
-                f"{peer['peer'] / peer['invariant']:.2f}x it ({peer['peer'] * 1e3:.0f} ms there); "
-                "scipy.fft.set_workers(-1)")
+            rel = np.asarray(peer["peer"]) / np.asarray(peer["invariant"])
+            row(f"{peer['version']}, invariant", np.asarray(r["invariant"]) * rel,
+                f"timed in its own process alternately with the invariant FFT RL: {rel[0]:.2f}x "
+                f"it wall, {rel[1]:.2f}x CPU ({peer['peer'][0] * 1e3:.0f} ms wall there); "
+                "under scipy.fft.set_workers(-1)")
         elif peer:
-            lines.append(f"| peer | - | - | - | failed: {peer['error']} |")
+            lines.append(f"| peer | - | - | - | - | - | failed: {peer['error']} |")
         if "tiled" in r:
             tiles = "x".join(map(str, r["chunks"]))
             halo = "x".join(map(str, r["halo"]))
-            lines += ["", f"Tiled ({r['tiled_iter']} iterations, whole runs, threads, tiles {tiles}, "
-                      f"default halo {halo}; the first tiled call, which computes the kernel "
-                      f"spectra of each window shape, took {r['cold']['tiled']:.2f} s, "
-                      f"{r['cold']['tiled_halo0']:.2f} s with halo 0):", "",
-                      "| run | wall | voxel-it/s | / in memory | notes |", "|---|---|---|---|---|"]
-            mem = r["memory_whole"]
+            mem = np.asarray(r["memory_whole"])
+            lines += ["", f"Tiled: whole runs of {r['tiled_iter']} iterations (threads), tiles {tiles}, "
+                      f"default halo {halo}; the windows (tiles grown by the halo, clipped at the "
+                      f"edges) hold {r['window_ratio']:.2f}x the image's pixels. The first tiled call, "
+                      "which also computes the kernel spectra of each window shape, took "
+                      f"{r['cold']['tiled'][0]:.1f} s wall ({r['cold']['tiled_halo0'][0]:.1f} s with "
+                      "halo 0).", "",
+                      "| run | wall | CPU | voxel-it/s | / in memory, wall | / in memory, CPU | notes |",
+                      "|---|---|---|---|---|---|---|"]
             for name, key, note in (
                     ("in memory", "memory_whole", ""),
-                    ("tiled, default halo", "tiled",
-                     f"target 1.3: {'met' if r['tiled'] / mem <= TARGET else 'NOT met'}; the "
-                     f"windows (tiles + halo) hold {r['window_ratio']:.2f}x the image's pixels"),
-                    ("tiled, halo 0 (not exact: the per-tile overhead alone)", "tiled_halo0", "")):
-                t = r[key]
-                lines.append(f"| {name} | {t:.2f} s | {r['n_vox'] * r['tiled_iter'] / t / 1e6:.1f} M | "
-                             f"{t / mem:.2f} | {note} |")
-        lines += ["", f"CPU use during the runs: {r['cpu_share']:.2f} cores of {os.cpu_count()} "
-                  "(user + system time of this process over wall time).", ""]
+                    ("tiled, default halo", "tiled", verdict(r["tiled"], mem)),
+                    ("tiled, halo 0 (inexact: the per-tile overhead alone)", "tiled_halo0", "")):
+                t = np.asarray(r[key])
+                lines.append(f"| {name} | {t[0]:.2f} s | {t[1]:.2f} s | "
+                             f"{r['n_vox'] * r['tiled_iter'] / t[0] / 1e6:.1f} M | "
+                             f"{t[0] / mem[0]:.2f} | {t[1] / mem[1]:.2f} | {note} |")
+        lines += ["", f"CPU use during the case: {r['cpu_share']:.2f} cores of {os.cpu_count()} "
+                  "(this process's CPU time over wall time).", ""]
     return lines
 
 
@@ -469,6 +489,8 @@ class Sampler:
 
         self.procs = {p: psutil.Process(p) for p in pids}
         self.peak = dict.fromkeys(pids, 0)
+        self.cpu0 = {p: self._cpu(p) for p in pids}
+        self.cpu = {}
         self.total = 0
         self.period = period
         self._stop = threading.Event()
@@ -487,6 +509,13 @@ class Sampler:
             self.total = max(self.total, total)
             self._stop.wait(self.period)
 
+    def _cpu(self, p):
+        try:
+            t = self.procs[p].cpu_times()
+            return t.user + t.system
+        except Exception:
+            return 0.0
+
     def __enter__(self):
         self._thread.start()
         return self
@@ -494,6 +523,7 @@ class Sampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self.cpu = {p: self._cpu(p) - self.cpu0[p] for p in self.procs}
 
 
 def write_stack(path, shape, chunks, seed=0):
@@ -527,34 +557,38 @@ def part_cluster(args):
     from distributed import Client, LocalCluster
 
     import pcmx
-    from pcmx.restore import auto_chunks, default_halo, restore, restore_memory
+    from pcmx.restore import default_halo, restore, restore_memory
 
-    shape = tuple(args.big_shape)
+    big = tuple(args.big_shape)
     limit = int(args.memory_limit * 2**30)
-    stack_bytes = 4 * int(np.prod(shape))
-    print(f"cluster: stack {shape} ({stack_bytes / 1e9:.2f} GB), worker memory limit "
-          f"{limit / 2**30:.2f} GiB", flush=True)
-    h, maps = small_operator_3d(kernel=args.big_kernel, kernel_z=args.big_kernel_z)
-    op = operator_3d(shape, h, maps, lazy=True)
-    H = pcmx.ProductConvolution(op, boundary="reflect", check_finite=False)
     iters = args.big_iterations
-    # a tile's budget: the worker's limit, less the maps' chunks it computes, the process's
-    # own size and Dask's margin (it pauses at 80%)
-    budget = int(limit * args.tile_share)
-    tile = auto_chunks(shape, H, "rl", budget, iterations=iters) if args.big_chunks is None \
-        else tuple(args.big_chunks)
-    est = restore_memory(tile, H, "rl", iterations=iters)
-    print(f"  tiles {tile}, restore_memory {est / 2**20:.0f} MiB (budget {budget / 2**20:.0f} MiB)",
-          flush=True)
+    h, maps = small_operator_3d(kernel=args.big_kernel, kernel_z=args.big_kernel_z)
+    tile = tuple(args.big_chunks)
     scratch = args.scratch or tempfile.mkdtemp(prefix="pcmx-restore-bench-")
-    src = os.path.join(scratch, "stack.zarr")
-    t = time.perf_counter()
-    with dask.config.set(scheduler="threads"):
-        write_stack(src, shape, (shape[0], 256, 256))
-    write_s = time.perf_counter() - t
-    print(f"  stack written in {write_s:.1f} s to {src}", flush=True)
-    runs = []
-    for n_workers in args.workers:
+    plan = [(big, n) for n in args.workers]
+    small = tuple(args.scaling_shape) if args.scaling_shape else None
+    if small:
+        plan = [(small, n) for n in args.workers] + [(big, max(args.workers))]
+    runs, written = [], {}
+    # the workers' environment: the kernel spectra cache bounded to about one window shape's
+    # spectra (the default, 2 GiB, exceeds the worker's limit), and NumPy's large arrays
+    # always mapped (returned to the OS when freed, not kept in glibc's heap)
+    os.environ["PCMX_SPECTRUM_CACHE_MB"] = str(args.worker_cache_mb)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "1048576"
+    for shape, n_workers in plan:
+        op = operator_3d(shape, h, maps, lazy=True)
+        H = pcmx.ProductConvolution(op, boundary="reflect", check_finite=False)
+        est = restore_memory(tile, H, "rl", iterations=iters)
+        src = os.path.join(scratch, "stack-{}x{}x{}.zarr".format(*shape))
+        if shape not in written:
+            t = time.perf_counter()
+            with dask.config.set(scheduler="threads"):
+                write_stack(src, shape, (shape[0], 256, 256))
+            written[shape] = time.perf_counter() - t
+        stack_bytes = 4 * int(np.prod(shape))
+        print(f"cluster: stack {shape} ({stack_bytes / 1e9:.2f} GB, written in {written[shape]:.0f} s), "
+              f"{n_workers} worker(s) of {limit / 2**30:.2f} GiB, tiles {tile}, restore_memory "
+              f"{est / 2**20:.0f} MiB", flush=True)
         dst = os.path.join(scratch, f"restored-{n_workers}.zarr")
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                           memory_limit=limit, dashboard_address=None) as cluster, \
@@ -567,49 +601,62 @@ def part_cluster(args):
                 da.to_zarr(out, dst, overwrite=True)
             wall = time.perf_counter() - t
             logs = client.get_worker_logs()
-            restarts = sum(level in ("WARNING", "ERROR", "CRITICAL") and "memory" in str(m).lower()
+            warnings = sum(level in ("WARNING", "ERROR", "CRITICAL") and "memory" in str(m).lower()
                            for msgs in logs.values() for level, m in msgs)
         check = da.from_zarr(dst)
         sample = np.asarray(check[shape[0] // 2, ::97, ::97])
-        run = {"workers": n_workers, "wall": wall, "per_iteration": wall / iters,
+        run = {"shape": shape, "stack_bytes": stack_bytes, "workers": n_workers, "wall": wall,
                "worker_peak": [sampler.peak[p] for p in pids], "client_peak": sampler.peak[os.getpid()],
-               "total_peak": sampler.total, "warnings": restarts,
-               "finite": bool(np.isfinite(sample).all()), "min": float(sample.min())}
-        print(f"  {n_workers} worker(s): wall {wall:.1f} s, worker peaks "
-              f"{[round(p / 2**20) for p in run['worker_peak']]} MiB, total {sampler.total / 2**20:.0f} MiB",
+               "total_peak": sampler.total, "worker_cpu": sum(sampler.cpu[p] for p in pids),
+               "warnings": warnings, "finite": bool(np.isfinite(sample).all()),
+               "nonnegative": bool(sample.min() >= 0), "estimate": est,
+               "load": os.getloadavg()[0]}
+        print(f"  wall {wall:.1f} s, worker CPU {run['worker_cpu']:.0f} s, worker peaks "
+              f"{[round(p / 2**20) for p in run['worker_peak']]} MiB, all processes "
+              f"{sampler.total / 2**20:.0f} MiB, memory warnings {warnings}, load {run['load']:.1f}",
               flush=True)
         runs.append(run)
-    return {"shape": shape, "limit": limit, "stack_bytes": stack_bytes, "tile": tile, "estimate": est,
-            "iterations": iters, "kernel": H.kernel_shape, "I": H.n_components, "runs": runs,
-            "write_s": write_s, "halo": default_halo(tuple(H.radius), iters)}
+    return {"limit": limit, "tile": tile, "iterations": iters, "kernel": H.kernel_shape,
+            "I": H.n_components, "runs": runs, "halo": default_halo(tuple(H.radius), iters),
+            "cache_mb": args.worker_cache_mb}
 
 
 def cluster_lines(res, args) -> list[str]:
-    shape = "x".join(map(str, res["shape"]))
     lines = ["### A stack larger than a worker's memory, on a local cluster", "",
              f"Measured by `benchmarks/restore.py --parts cluster` on {os.cpu_count()} cores "
-             f"({platform.machine()}, shared), {time.strftime('%Y-%m-%d')}: a {shape} float32 stack "
-             f"({res['stack_bytes'] / 1e9:.2f} GB) in a Zarr store, `pcmx.restore.restore(method='rl', "
-             f"iterations={res['iterations']})` on a `dask.distributed` LocalCluster of worker "
-             f"processes (one thread each, `memory_limit` {res['limit'] / 2**30:.2f} GiB each), "
-             "written to a Zarr store. Operator: I = "
+             f"({platform.machine()}, shared), {time.strftime('%Y-%m-%d')}: float32 stacks in Zarr "
+             f"stores, `pcmx.restore.restore(method='rl', iterations={res['iterations']})` on a "
+             "`dask.distributed` LocalCluster of worker processes (one thread each, "
+             f"`memory_limit` {res['limit'] / 2**30:.2f} GiB each: Dask pauses a worker at 80% "
+             "and restarts it at 95%), the result written to a Zarr store. Operator: I = "
              f"{res['I']}, {'x'.join(map(str, res['kernel']))} kernels (the simulator's true "
-             "operator of a 64 x 144 x 144 stack, maps stretched 16x over the field, computed "
-             f"lazily), tiles {'x'.join(map(str, res['tile']))} (`pcmx.restore.auto_chunks`), "
-             f"halo {res['halo']}; `restore_memory` per tile {res['estimate'] / 2**20:.0f} MiB. "
-             "Peak memory: resident set sampled every 0.1 s (psutil).", "",
-             "| workers | wall | per iteration | voxel-it/s | speed-up | peak per worker | peak, all processes | notes |",
-             "|---|---|---|---|---|---|---|---|"]
-    base = res["runs"][0]["wall"] if res["runs"] else None
-    n_vox = int(np.prod(res["shape"]))
+             "operator of a 64 x 144 x 144 stack, its maps stretched over the field by linear "
+             "interpolation and evaluated only where a tile asks, so that no process holds the "
+             f"maps of the whole grid), tiles {'x'.join(map(str, res['tile']))}, default halo "
+             f"{'x'.join(map(str, res['halo']))} (z is not split); the workers run with "
+             f"`PCMX_SPECTRUM_CACHE_MB={res['cache_mb']}` (the kernel spectra of about one window "
+             "shape; the default, 2 GiB, exceeds the worker's limit) and "
+             "`MALLOC_MMAP_THRESHOLD_=1048576` (freed arrays go back to the OS). Peak memory: resident sets "
+             "sampled every 0.1 s (psutil); *all processes* adds the client. *Worker CPU*: user + "
+             "system seconds of the workers.", "",
+             "| stack | GB | workers | wall | per iteration | voxel-it/s | worker CPU | "
+             "peak per worker | peak, all processes | `restore_memory` per tile | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    walls = {}
     for r in res["runs"]:
+        shape = "x".join(map(str, r["shape"]))
+        n_vox = int(np.prod(r["shape"]))
+        walls[(r["shape"], r["workers"])] = r["wall"]
         peaks = ", ".join(f"{p / 2**20:.0f}" for p in r["worker_peak"])
-        lines.append(f"| {r['workers']} | {r['wall']:.0f} s | {r['per_iteration']:.0f} s | "
-                     f"{n_vox * res['iterations'] / r['wall'] / 1e6:.1f} M | {base / r['wall']:.2f} | "
-                     f"{peaks} MiB | {r['total_peak'] / 2**20:.0f} MiB | "
-                     f"result finite: {r['finite']}; worker memory messages: {r['warnings']} |")
-    lines += ["", "Per iteration: wall / iterations (the set-up, `H^T 1` per tile and reading and "
-              "writing the stores, included).", ""]
+        one = walls.get((r["shape"], 1))
+        speed = f"; speed-up over 1 worker {one / r['wall']:.2f}" if one and r["workers"] > 1 else ""
+        lines.append(f"| {shape} | {r['stack_bytes'] / 1e9:.2f} | {r['workers']} | {r['wall']:.0f} s | "
+                     f"{r['wall'] / res['iterations']:.0f} s | {n_vox * res['iterations'] / r['wall'] / 1e6:.2f} M | "
+                     f"{r['worker_cpu']:.0f} s | {peaks} MiB | {r['total_peak'] / 2**20:.0f} MiB | "
+                     f"{r['estimate'] / 2**20:.0f} MiB | finite {r['finite']}, >= 0 {r['nonnegative']}; "
+                     f"memory warnings {r['warnings']}; load {r['load']:.1f}{speed} |")
+    lines += ["", "Per iteration: wall / iterations (the set-up, `H^T 1` per tile, and reading and "
+              "writing the stores included).", ""]
     return lines
 
 
@@ -644,13 +691,15 @@ def main(argv=None) -> int:
     p.add_argument("--setup-peers", action="store_true")
     p.add_argument("--quick", action="store_true", help="2 rounds, 2D only")
     p.add_argument("--big-shape", type=int, nargs=3, default=(64, 2304, 2304))
-    p.add_argument("--big-kernel", type=int, default=25)
-    p.add_argument("--big-kernel-z", type=int, default=11)
+    p.add_argument("--big-kernel", type=int, default=15)
+    p.add_argument("--big-kernel-z", type=int, default=7)
     p.add_argument("--big-iterations", type=int, default=3)
-    p.add_argument("--big-chunks", type=int, nargs=3, default=None)
+    p.add_argument("--big-chunks", type=int, nargs=3, default=(64, 192, 192))
+    p.add_argument("--scaling-shape", type=int, nargs=3, default=(64, 768, 768),
+                   help="the stack of the 1- and 2-worker runs (0 0 0: the big one)")
     p.add_argument("--memory-limit", type=float, default=1.0, help="GiB per worker")
-    p.add_argument("--tile-share", type=float, default=0.5,
-                   help="share of the worker's limit given to one tile by auto_chunks")
+    p.add_argument("--worker-cache-mb", type=int, default=256,
+                   help="PCMX_SPECTRUM_CACHE_MB of the workers")
     p.add_argument("--workers", type=int, nargs="+", default=(1, 2))
     p.add_argument("--scratch", default=None, help="folder for the Zarr stores (default: a temp dir)")
     p.add_argument("--no-doc", action="store_true")
@@ -669,6 +718,8 @@ def main(argv=None) -> int:
         if not args.no_doc:
             write_doc("memory", lines)
     if "cluster" in parts:
+        if args.scaling_shape and not all(args.scaling_shape):
+            args.scaling_shape = None
         res = part_cluster(args)
         lines = cluster_lines(res, args)
         print("\n".join(lines))

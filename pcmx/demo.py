@@ -124,7 +124,13 @@ def main(argv=None) -> int:
         from pcmx.family import learn_family
 
         print(f"[4] learning the family of {len(paths)} states")
-        fam = learn_family(paths)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:  # printed as notes of the demo
+            warnings.simplefilter("always", pcmx.io.readers.PcmxWarning)
+            fam = learn_family(paths)
+        for w in caught:
+            print(f"    note: {' '.join(str(w.message).split())}")
         pcmx.save_store(fam, os.path.join(out, "family.zarr"))
         stores.append("family.zarr")
         fig = plot.family_states(fam)

@@ -755,7 +755,10 @@ def _state_labels(values, ds: xr.Dataset) -> xr.Dataset:
     if values is None:
         return ds
     own = {str(v): v for v in values}
-    return ds.assign_coords(state=np.asarray([own[str(v)] for v in ds["state"].values]))
+    ds = ds.assign_coords(state=np.asarray([own[str(v)] for v in ds["state"].values]))
+    if "cv_state" in ds.coords:  # the validated states, labelled alike
+        ds = ds.assign_coords(cv_state=np.asarray([own[str(v)] for v in ds["cv_state"].values]))
+    return ds
 
 
 def _handle_bad(bad: dict, labels, skip_bad: bool, total: int, what: str, usable: int | None = None):

@@ -22,29 +22,38 @@ differ by 4.9e-2, 1.1e-1 and 9.8e-3 (30 iterations): per-tile defaults and stopp
 Halo rule, 3D (measured, rl, boundary "reflect", the simulator's true operator of a
 24 x 96 x 96 bead stack (0.3 um planes, 0.1 um pixels, NA 1.2), 5 components of
 7 x 15 x 15 kernels, ``(rz, ry, rx) = (3, 7, 7)``, tiles of 11 x 37 x 37 voxels): the halo is
-taken per axis from that axis' radius, ``h_a = ceil(r_a k)``; the difference for
-``k`` = 1, 2, 3, 4 and 3 + log10 I is |3D_HALO_TABLE| (see :data:`HALO_3D`). The same
-rule as in 2D, applied axis by axis, keeps rl and rl-tv within :data:`TILED_TOLERANCE`.
+taken per axis from that axis' radius, ``h_a = ceil(k r_a)``. For ``k`` = 1, 2, 3 and 4 the
+difference is 1.7e-2, 1.9e-3, 5.7e-4, 7.7e-6 after 10 iterations; 3.7e-2, 7.3e-3, 2.4e-3,
+4.0e-5 after 50; 3.8e-2, 1.4e-2, 4.9e-3, 8.3e-5 after 100. The 2D rule applied axis by axis
+(:func:`default_halo` of ``(rz, ry, rx)``: ``k = 3 + log10 I``) gives 7.7e-6, 5.2e-6 and
+6.9e-6 after 10, 50 and 100 iterations, and rl-tv 5.9e-6 and 4.6e-6 (50 iterations, tiles of
+11 x 37 x 37 and 9 x 41 x 29): within :data:`TILED_TOLERANCE`. Every tile starts from the
+whole image's constant (``flux(y - b) / flux(H^T 1)``, as the in-memory run): with its own,
+the difference was 2.2e-4 after 10 iterations (the start is not forgotten when ``b > 0``).
+The 2D figures above were measured with per-tile starts (upper bounds).
 
-Memory per tile (per Dask thread), with ``V`` the voxels of a tile grown by its halo,
-``V_e`` those of the window grown by the kernel radius ``r`` (the mirror padding of the
-boundary), ``P`` those of the FFT buffer (``next_fast_len(w_a + 2 r_a)`` per axis) and ``I``
-the components, all float32 (4 bytes)::
+Memory per tile (per Dask thread), with ``V`` the voxels of a tile grown by its halo
+(clipped to the image), ``V_e`` those of that window grown by the kernel radius ``r`` (the
+mirror padding of the boundary), ``P`` those of the FFT buffer (``next_fast_len(w_a + 2 r_a)``
+per axis) and ``I`` the components, all float32 (4 bytes)::
 
-    bytes = 4 (k_m V + I V_e + 4 P + 4 I P)
+    bytes = 4 (k_m V + I V_e + 5 P + 2 I P)
 
 ``k_m`` counts the arrays the method keeps, of the window's size: for rl, the input window,
-``max(y, 0)``, ``H^T 1``, ``u``, ``H u`` (overwritten by the ratio) and ``H^T ratio``, plus
-the mirror-padded ``u`` of the operator: ``k_rl = 7`` (measured peak 6.9 V to 7.0 V);
-rl-tv adds the ``ndim`` gradients, their norm and the divergence (``k = 9 + ndim``). ``I V_e``
-are the maps mirrored beyond the window (the maps themselves are views of the operator's);
-``4 P`` the FFT buffers of one application (real buffer, its spectrum, the accumulator, the
-inverse); ``4 I P`` the forward and conjugate kernel spectra (``I`` half-spectra of
-``P / 2`` complex64 each way), cached per worker and shared by tiles of one shape
-(:data:`pcmx.execution.spectrum_cache`). :func:`restore_memory` computes it;
-:func:`auto_chunks` picks the largest tile edge that fits a budget. A worker running ``T``
-threads holds ``T`` tiles, plus the operator (its maps: ``4 I N`` bytes for an image of
-``N`` voxels) once.
+``max(y, 0)``, ``H^T 1``, ``u``, ``H u`` (overwritten by the ratio), ``H^T ratio`` and the
+mirror-padded ``u`` of the operator: ``k_rl = 7``; rl-tv adds the ``ndim`` gradients, their
+norm and the divergence (``k = 9 + ndim``). ``I V_e``: the maps mirrored beyond the window
+(the maps themselves are views of the operator's); ``5 P``: the FFT buffers of one
+application (real buffer, a component's spectrum, the accumulator, the inverse's
+intermediates); ``2 I P``: the forward and conjugate kernel spectra (``I`` half-spectra of
+``P / 2`` complex64 each), cached per worker and shared by the tiles of one shape
+(:data:`pcmx.execution.spectrum_cache`). Checked with ``tracemalloc`` (the peak of one tile
+over the allocations before it, NumPy arrays; FFT scratch is not traced): rl 0.92-0.93 of
+the formula for 2D windows of 126 x 126 and 166 x 186 px (3 components of 15 x 15), 0.96 for
+3D windows of 24 x 90 x 90 and 24 x 96 x 96 voxels (5 of 7 x 15 x 15); rl-tv 0.86-0.90.
+:func:`restore_memory` computes it; :func:`auto_chunks` picks the largest tile edge that fits
+a budget. A worker running ``T`` threads holds ``T`` tiles, plus the operator once (its maps:
+``4 I N`` bytes for an image of ``N`` voxels).
 """
 
 from __future__ import annotations
@@ -320,11 +329,29 @@ def _global_parameters(method: str, y, op, kw: dict) -> dict:
     if need_eps:
         kw["eps"] = 1e-3 * flux / y.size
     if kw.get("start") is None:
-        ht1 = op.adjoint(da.ones(y.shape, dtype=np.float32, chunks=y.chunks) if lazy
-                         else mod.ones_like(y))
+        ht1 = _adjoint_of_ones(y, op) if lazy else op.adjoint(mod.ones_like(y))
         floor = np.float32(1e-3) * value(ht1.max())
         kw["start"] = flux / value(mod.sum(mod.maximum(ht1, floor), dtype=np.float64))
     return kw
+
+
+def _adjoint_of_ones(y, op):
+    """``H^T 1`` lazily, tile by tile on ``y``'s chunks: each tile is the adjoint of its
+    window (grown by the kernel radius, so exact: ``1`` is its own mirror image) with the
+    operator's maps cropped to it; a graph of one task per chunk (the operator's own Dask
+    adjoint of a 3D reflect operator has thousands)."""
+    import dask.array as da
+
+    # the blocks only give their library (CuPy chunks give CuPy tiles) and the window
+    x = y if _backend.is_cupy(y) else da.zeros(y.shape, dtype=np.float32, chunks=y.chunks)
+    depth = tuple(r if len(c) > 1 else 0 for r, c in zip(op.radius, x.chunks, strict=True))
+    return _map_tiles(_ones_window, x, depth, op, name="pcmx-restore-ht1")
+
+
+def _ones_window(block, local, location, window):
+    xp = _backend.xp(block)
+    ht1 = local.adjoint(xp.ones(block.shape, np.float32))
+    return ht1[_crop(location, window)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +367,7 @@ def restore_memory(shape_or_chunks, operator, method: str = "rl", *, iterations:
                    halo=None, boundary: str = "reflect") -> int:
     """Bytes one tile of a restoration needs (module docstring: the formula).
 
-    ``4 (k_m V + I V_e + 4 P + 4 I P)`` with ``V`` the voxels of the tile grown by its halo
+    ``4 (k_m V + I V_e + 5 P + 2 I P)`` with ``V`` the voxels of the tile grown by its halo
     (clipped to the image), ``V_e`` those of that window grown by the kernel radius, ``P``
     those of the FFT buffer and ``k_m`` the arrays the method keeps (rl 7, rl-tv
     ``9 + ndim``; the other methods are counted as rl-tv).
@@ -379,7 +406,7 @@ def restore_memory(shape_or_chunks, operator, method: str = "rl", *, iterations:
                   for ax, (w, rr) in enumerate(zip(window, r, strict=True)))
     k = _ARRAYS["rl"] if method == "rl" else _ARRAYS["rl-tv"] + op.ndim
     i = op.n_components
-    return int(4 * (k * v + i * v_e + 4 * p + 4 * i * p))
+    return int(4 * (k * v + i * v_e + 5 * p + 2 * i * p))
 
 
 def auto_chunks(shape, operator, method: str = "rl", memory_limit: int = 2**30, *,
@@ -500,7 +527,9 @@ def restore(image, operator, *, method: str = "rl", iterations: int = 50, chunks
     Tiles run on the active ``dask.distributed`` Client if there is one
     (:func:`pcmx.execution.active_client`), else on Dask's scheduler (threads). The operator
     is one key of the task graph that every tile depends on: it travels to each worker once,
-    and each worker caches the kernel spectra once per tile shape. The offset (and the TV
+    and each worker caches the kernel spectra once per tile shape. An operator whose maps
+    are lazy (a store opened with Dask) carries only its kernels and the maps' graph: each
+    tile reads its window of the maps where it runs. The offset (and the TV
     smoothing ``eps`` of rl-tv) are estimated once on the whole image
     (:func:`pcmx.deblur.estimate_offset`: a Dask image is computed once for it; give
     ``offset=`` to avoid that pass) and given to every tile. With the default halo, rl and
@@ -560,7 +589,7 @@ def _operator_key(op):
 
 def _tiled(method, data, op, iterations, tile, halo, kw, lazy):
     import dask.array as da
-    from dask.array.overlap import ensure_minimum_chunksize, overlap
+    from dask.array.overlap import ensure_minimum_chunksize
 
     xp = _backend.xp(data)
     if lazy:
@@ -577,14 +606,78 @@ def _tiled(method, data, op, iterations, tile, halo, kw, lazy):
     # (a mirror boundary needs a window of at least r pixels)
     x = x.rechunk(tuple(ensure_minimum_chunksize(max(hh, rr, 1), c)
                         for hh, rr, c in zip(halo, op.radius, x.chunks, strict=True)))
-    depth = {ax: hh if len(c) > 1 else 0 for ax, (hh, c) in enumerate(zip(halo, x.chunks, strict=True))}
-    grown = overlap(x, depth=depth, boundary=dict.fromkeys(depth, "none")) if any(depth.values()) else x
+    depth = tuple(hh if len(c) > 1 else 0 for hh, c in zip(halo, x.chunks, strict=True))
+    return _map_tiles(_restore_window, x, depth, op, name=f"pcmx-restore-{method}", method=method,
+                      iterations=iterations, kw=kw)
+
+
+def _map_tiles(fn, x, depth, op, *, name, **kwargs):
+    """``fn(window block, local operator, location, window, **kwargs)`` over the chunks of
+    ``x`` grown by ``depth`` (clipped at the image's edge), lazily.
+
+    The operator is one key of the graph. Its maps, when they are in memory, travel with
+    it and are cropped to each window; lazy maps (a Dask array) are cut into the same
+    windows by the graph (no computation inside a task).
+    """
+    import dask.array as da
+    from dask.array.overlap import overlap
     from dask.base import tokenize
 
-    name = f"pcmx-restore-{method}-{tokenize(x.name, op, iterations, halo, kw)}"
-    return da.map_blocks(_restore_tile, grown, _operator_key(op), chunks=x.chunks, dtype=np.float32,
-                         meta=xp.empty((0,) * x.ndim, np.float32), name=name, method=method,
-                         iterations=iterations, halo=tuple(depth.values()), kw=kw)
+    ndim = x.ndim
+    bounds = dict.fromkeys(range(ndim + 1), "none")
+
+    def grow(a, extra=()):
+        d = dict(enumerate((*depth, *extra)))
+        return overlap(a, depth=d, boundary=bounds) if any(depth) else a
+
+    meta = _backend.xp(x).empty((0,) * ndim, np.float32)
+    name = f"{name}-{tokenize(x.name, x.chunks, op, depth, fn.__name__, kwargs)}"
+    maps = op._alpha_src
+    if not _backend.is_dask(maps):
+        return da.map_blocks(_tile, grow(x), _operator_key(op), chunks=x.chunks, dtype=np.float32,
+                             meta=meta, name=name, fn=fn, depth=depth, kwargs=kwargs)
+    maps = da.moveaxis(maps, 0, -1).rechunk((*x.chunks, (op.n_components,)))
+    return da.map_blocks(_tile_lazy_maps, grow(x[..., None], (0,)), grow(maps, (0,)), _operator_key(op),
+                         chunks=x.chunks, drop_axis=ndim, dtype=np.float32, meta=meta, name=name,
+                         fn=fn, depth=depth, kwargs=kwargs)
+
+
+def _window(location, depth, shape):
+    return tuple(slice(max(a - d, 0), min(b + d, n))
+                 for (a, b), d, n in zip(location, depth, shape, strict=True))
+
+
+def _crop(location, window):
+    """The tile ``location`` within the array of ``window``."""
+    return tuple(slice(a - w.start, b - w.start) for (a, b), w in zip(location, window, strict=True))
+
+
+def _tile(block, engine, *, fn, depth, kwargs, block_info=None):
+    """One tile, the maps cropped from the operator's (in memory)."""
+    location = block_info[None]["array-location"]
+    window = _window(location, depth, engine.shape)
+    return fn(block, local_operator(engine, window), location, window, **kwargs)
+
+
+def _tile_lazy_maps(block, maps, engine, *, fn, depth, kwargs, block_info=None):
+    """One tile, its window of the maps given by the graph (``maps``: component last)."""
+    from .operator import ProductConvolution
+
+    location = block_info[None]["array-location"]
+    window = _window(location, depth, engine.shape)
+    kernel_dims = ("component", *("kz", "ky", "kx")[3 - engine.ndim:])
+    ds = xr.Dataset({"psf_basis": (kernel_dims, engine._h),
+                     "coefficients": (("component", *engine.dims), _backend.xp(maps).moveaxis(maps, -1, 0))},
+                    attrs={"pcmx_type": "operator"})
+    local = ProductConvolution(ds, boundary=engine.boundary, dtype=engine.dtype, workers=1,
+                               check_finite=False)
+    return fn(block[..., 0], local, location, window, **kwargs)
+
+
+def _restore_window(block, local, location, window, *, method, iterations, kw):
+    """One tile: the window ``block`` (the tile grown by the halo, clipped at the image's
+    edge) restored with the operator restricted to it; the tile cut out."""
+    return _run(method, block, local, iterations, kw)[_crop(location, window)]
 
 
 def _compute(arr, progress, client, method):
@@ -634,13 +727,3 @@ def local_operator(engine, window):
     ds = engine.dataset.isel(dict(zip(engine.dims, window, strict=True)))
     return ProductConvolution(ds, boundary=engine.boundary, dtype=engine.dtype, workers=1,
                               check_finite=False)
-
-
-def _restore_tile(block, engine, *, method, iterations, halo, kw, block_info=None):
-    """One tile: the window ``block`` (the tile grown by the halo, clipped at the image's
-    edge) restored with the operator's maps cropped to it; the tile cut out."""
-    location = block_info[None]["array-location"]
-    window = tuple(slice(max(a - hh, 0), min(b + hh, n))
-                   for (a, b), hh, n in zip(location, halo, engine.shape, strict=True))
-    u = _run(method, block, local_operator(engine, window), iterations, kw)
-    return u[tuple(slice(a - w.start, b - w.start) for (a, b), w in zip(location, window, strict=True))]

@@ -273,9 +273,9 @@ def test_every_entry_point_applies_an_operator_dataset_with_the_reflect_boundary
         np.testing.assert_array_equal(default, reflect, err_msg=name)
         np.testing.assert_array_equal(run(op, boundary="zero"), zero, err_msg=name)
         # and the two boundaries give different results (largest difference on the first three
-        # rows after 5 iterations, measured: 0.21 Sparse+Smooth, 0.53 FISTA-Haar, 1.0 RL-TV,
-        # 1.1 Tikhonov)
-        assert np.abs(reflect - zero)[:3].max() > 0.1, name
+        # rows after 5 iterations, measured: 0.0096 Sparse+Smooth (its u2 step is 0.1 of u1's
+        # since SPARSE_STEP_SHARE; 0.21 before), 0.53 FISTA-Haar, 1.0 RL-TV, 1.1 Tikhonov)
+        assert np.abs(reflect - zero)[:3].max() > (0.005 if name == "sparse_smooth" else 0.1), name
 
 
 def test_score_restoration_picks_the_best_threshold():

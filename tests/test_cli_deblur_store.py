@@ -15,7 +15,7 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import make_operator
+from conftest import make_operator, make_operator3d
 from test_cli_corpus import snapshot
 
 import pcmx
@@ -24,7 +24,7 @@ from pcmx.cli import main
 from pcmx.deblur.baselines import estimate_offset
 from pcmx.io.tiff import write_tiff
 from pcmx.operator import ProductConvolution
-from pcmx.restore import restore
+from pcmx.restore import TILED_TOLERANCE, restore
 
 SHAPE = (64, 75)
 PX = 0.065
@@ -131,3 +131,62 @@ def test_a_local_cluster_of_two_processes_writes_the_same_store_as_threads(tmp_p
     np.testing.assert_array_equal(_restored(tmp_path / "procs.ome.zarr"), _restored(tmp_path / "threads.zarr"))
     again = pcmx.io.readers.read_image(tmp_path / "procs.ome.zarr")  # an OME-Zarr image too
     assert again.shape == SHAPE and float(again["x"][1]) == pytest.approx(PX)
+
+
+def test_a_z_stack_restored_with_a_3d_operator_into_zarr(tmp_path):
+    op = make_operator3d(shape=(7, 16, 18), ksize=(3, 5, 5))
+    pcmx.save_store(op, tmp_path / "op3.zarr")
+    y = np.random.default_rng(1).uniform(50, 150, (7, 16, 18)).astype(np.float32)
+    write_tiff(tmp_path / "stack.tif", y, 0.1, z_step_um=0.3)
+    assert main(["deblur", str(tmp_path / "stack.tif"), "--operator", str(tmp_path / "op3.zarr"),
+                 "--method", "rl", "--iterations", "3", "--chunks", "9", "-o",
+                 str(tmp_path / "r3.zarr"), "--no-progress"]) == 0
+    ds = xr.open_zarr(tmp_path / "r3.zarr")
+    assert ds["restored"].dims == ("z", "y", "x") and float(ds["z"][1]) == pytest.approx(0.3)
+    ref = restore(y, op, method="rl", iterations=3)  # in memory
+    assert float(np.abs(ds["restored"].values - ref).max() / ref.max()) < TILED_TOLERANCE
+
+
+def test_the_image_is_read_by_regions_and_one_channel_of_a_hyperstack(tmp_path, data, monkeypatch):
+    import tifffile
+
+    import pcmx.commands.deblur as deblur_command
+
+    regions = []
+    real = chunked._TiffRegions.__getitem__
+
+    def read(self, key):
+        out = real(self, key)
+        regions.append(out.shape)
+        return out
+
+    def whole(*args, **kw):
+        raise AssertionError("the TIFF was read whole")
+
+    monkeypatch.setattr(chunked._TiffRegions, "__getitem__", read)
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", whole)
+    monkeypatch.setattr(deblur_command, "READ_BLOCK", 32)
+    assert main(_args(data, tmp_path / "r.zarr")) == 0
+    assert regions and max(a * b for a, b in regions) <= 32 * 32
+    monkeypatch.undo()
+    # channel 1 of a two-channel ImageJ hyperstack restores as that channel alone
+    y = tifffile.imread(data / "img.tif")
+    tifffile.imwrite(tmp_path / "two.tif", np.stack([np.zeros_like(y), y]), imagej=True,
+                     metadata={"axes": "CYX"}, resolution=(1 / PX, 1 / PX),
+                     resolutionunit=tifffile.RESUNIT.MICROMETER)
+    args = _args(data, tmp_path / "c1.zarr", "--channel", "1")
+    args[1] = str(tmp_path / "two.tif")
+    assert main(args) == 0
+    np.testing.assert_array_equal(_restored(tmp_path / "c1.zarr"), _restored(tmp_path / "r.zarr"))
+
+
+def test_learn_family_takes_a_channel(tmp_path, data, capsys):
+    import tifffile
+
+    y = tifffile.imread(data / "img.tif")
+    tifffile.imwrite(tmp_path / "two.tif", np.stack([y, y]), imagej=True, metadata={"axes": "CYX"})
+    assert main(["learn-family", str(tmp_path / "two.tif"), str(tmp_path / "two.tif"), "-o",
+                 str(tmp_path / "f.zarr"), "--channel", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "two.tif: channel 2 is out of range; the channels are 0, 1 (give one to" in err
+    assert "--channel" in err and not (tmp_path / "f.zarr").exists()

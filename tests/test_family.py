@@ -145,6 +145,10 @@ def test_learn_family_validates_when_affordable(family):
     assert cv["improvement"] > 1.2 and cv["family_better"]
     assert cv["paired_gain"] > 3 * cv["standard_error"]
     assert cv["median_error_family"] == pytest.approx(float(np.median(family["cv_error_family"].values)))
+    from pcmx.io.store import describe_store
+
+    assert (f"cross-validation (5 folds, {cv['n_beads']} held-out beads): median error family "
+            f"{cv['median_error_family']:.3f}") in describe_store(family)
 
 
 def test_learn_family_validation_budget_subsamples_or_skips(sim, monkeypatch):

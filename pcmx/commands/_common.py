@@ -197,7 +197,8 @@ def add_scheduler_arguments(parser, *, memory_limit: bool = False) -> None:
     if memory_limit:
         parser.add_argument("--memory-limit", default=None, metavar="SIZE",
                             help="memory limit of each worker of --scheduler local:N, e.g. 2GB "
-                                 "(default: the machine's memory shared among the workers)")
+                                 "(default: the machine's memory shared among the workers); it "
+                                 "also sizes the automatic tiles")
 
 
 def check_scheduler(spec: str | None, memory_limit: str | None = None) -> None:
@@ -252,7 +253,8 @@ def scheduler_client(spec: str, memory_limit: str | None = None):
     if spec.startswith("local:"):
         n = int(spec.split(":", 1)[1])
         kw = {"memory_limit": memory_limit} if memory_limit is not None else {}
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=None, **kw)
+        # the scheduler's HTTP server on a free port (":8787", its default, may be taken)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=":0", **kw)
         return Client(cluster), cluster
     try:
         return Client(spec, timeout="20s"), None

@@ -53,12 +53,17 @@ from ._common import add_channel_arguments, add_scheduler_arguments, int_at_leas
 
 NAME = "deblur"
 HELP = ("blind Sparse+Smooth deblurring with a family, or with a known operator (paper App. D); "
-        "other methods and tiles with --method, --chunks")
+        "other methods, tiles, z-stacks, resumable Zarr output and clusters with --method, "
+        "--chunks, -o OUT.zarr, --scheduler")
 METHODS = ("sparse-smooth", "rl", "rl-tv", "tikhonov", "fista-haar")
+READ_BLOCK = 1024
+"""Edge in pixels of the blocks ``-o OUT.zarr`` reads its image in (y and x; one plane of a
+stack), or ``--chunks`` when larger: restore cuts them in tiles."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", help="2D image: TIFF, Zarr/OME-Zarr or .npy")
+    parser.add_argument("image", help="2D image, or a z-stack with a 3D operator: TIFF, Zarr/OME-Zarr "
+                                      "or .npy (read lazily for -o OUT.zarr)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--family", help="family store (Zarr): identify the operator (blind)")
     which.add_argument("--operator", help="operator store (Zarr): known operator (non-blind)")
@@ -174,6 +179,8 @@ def output_kind(path: str) -> str:
     InputError
         Any other extension.
     """
+    if not path or not path.strip():
+        raise InputError(f"--output {path!r}: an empty path; give the TIFF file or Zarr store to write")
     low = path.lower().rstrip("/\\")
     if low.endswith(".zarr"):
         return "store"
@@ -220,7 +227,7 @@ def _restore_lazy(args, family, operator):
     from ..io.chunked import lazy_offset, open_image_lazy
     from ..io.readers import PcmxWarning
 
-    read_chunks = max(args.chunks or 0, 1024)  # blocks read: restore cuts them in tiles
+    read_chunks = max(args.chunks or 0, READ_BLOCK)  # blocks read: restore cuts them in tiles
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*no pixel size", PcmxWarning)  # the store gives it
         image = open_image_lazy(args.image, pixel_size=args.pixel_size, channel=args.channel,
@@ -296,16 +303,12 @@ def _write_store(args, out: str, family, operator, *, progress) -> str:
     attrs = {**provenance(params, inputs), "method": args.method, "iterations": iterations}
     coords = _store_coords(image, op_ds)
     ome = None
-    if args.output.lower().rstrip("/\\").endswith(".ome.zarr"):
+    if args.group is None and args.output.lower().rstrip("/\\").endswith(".ome.zarr"):
         grid = xr.Dataset(coords=coords)
         ome = ome_multiscales(image.dims, [pixel_size(grid, d) for d in image.dims])
     written = write_chunked(restored.data, out, dims=image.dims, coords=coords, attrs=attrs,
                             name="restored", overwrite=args.overwrite, resume=not args.no_resume,
                             progress=progress, fingerprint=fingerprint, lock=False, ome=ome)
-    if args.group is not None:
-        from ..io.store import consolidate
-
-        consolidate(args.output)  # plain xr.open_zarr(OUT, group=...) reads the root's metadata
     found = (f", operator identified from {len(ident.positions)} sources (residual "
              f"{ident.residual:.3f})" if ident is not None else "")
     chunks = " x ".join(str(c) for c in params["chunks"])
@@ -415,6 +418,10 @@ def run(args) -> int:
                 outputs.store(store, ds, overwrite=args.overwrite,
                               root=args.store if args.group else None)
     if kind == "store" and not whole_bss:
+        if args.group is not None:  # the lock released: plain xr.open_zarr(OUT, group=...) reads it
+            from ..io.store import consolidate
+
+            consolidate(args.output)
         print(summary)
         return 0
     if not whole_bss:

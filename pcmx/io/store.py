@@ -441,7 +441,20 @@ def describe_store(ds: xr.Dataset, *, status: str = "valid") -> str:
         sha = rec.get("sha256") or "-"
         lines.append(f"input: {rec.get('name')} sha256={sha[:16]}")
     params = ds.attrs.get("pcmx_parameters")
-    if isinstance(params, dict) and isinstance(params.get("cross_validation"), dict):
+    if isinstance(params, dict) and isinstance(params.get("cross_validation"), dict) and \
+            "median_error_family" in params["cross_validation"]:  # a family's validation
+        cv = params["cross_validation"]
+        sub = (f", on {cv.get('validated_images')} of {cv.get('images')} states" if cv.get("subsampled")
+               else "")
+        lines.append(f"cross-validation ({cv.get('folds')} folds, {cv.get('n_beads')} held-out beads{sub}): "
+                     f"median error family {cv['median_error_family']:.3f}, single operators "
+                     f"{cv.get('median_error_single', float('nan')):.3f}, space-invariant reference "
+                     f"{cv.get('median_error_invariant', float('nan')):.3f} "
+                     f"({cv.get('improvement', float('nan')):.2f}x)")
+    elif isinstance(params, dict) and isinstance(params.get("cross_validation"), dict) and \
+            "skipped" in params["cross_validation"]:
+        lines.append(f"cross-validation: not run ({params['cross_validation']['skipped']})")
+    elif isinstance(params, dict) and isinstance(params.get("cross_validation"), dict):
         cv = params["cross_validation"]
         lines.append(f"cross-validation ({cv.get('folds')} folds, {cv.get('n_beads')} held-out beads): "
                      f"median error {cv.get('median_error', float('nan')):.3f}, space-invariant "
