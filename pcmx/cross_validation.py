@@ -8,9 +8,11 @@ truth: this is how they see whether a model is worth it on their microscope.
     One image: every fold is fitted by :func:`pcmx.fit.fit_operator`, the fit that
     :func:`pcmx.learn.learn_operator` stores, with the same options (automatic choices made
     again on the training beads), so a fold differs from the stored model only by the beads it
-    leaves out; the held-out PSFs are read from the fold's coefficient maps as the stored
-    model's would be. Beside it, the space-invariant reference: the flux-weighted mean of the
-    same training beads' centred, background-free patches.
+    leaves out; the held-out PSFs are the fold's fit read at their positions (the exact spline
+    under the realism projection, which the stored maps sample on a lattice within 3e-3).
+    Beside it, the space-invariant reference: the flux-weighted mean of the same training beads'
+    centred, background-free patches; and model selection's candidates
+    (:func:`model_candidates`), chosen among by :func:`select_model`.
 :func:`cross_validate_family`
     K images of one microscope in K states (paper II-D): per image, the family learned from
     the training beads of *all* images (one PCA, per-image maps under the family's realism

@@ -7,9 +7,10 @@ The steps, each owned by one module::
 
 :func:`learn_operator` reads the image once, runs both, records provenance and, by default,
 cross-validates the very same fit on the same beads (:func:`pcmx.cross_validation.cross_validate`)
-against the space-invariant reference: where the held-out beads say the reference predicts
-better, it stores the space-invariant model instead and warns (model selection by held-out
-error, ``select=``). 2D images ``(y, x)`` and z-stacks ``(z, y, x)`` of beads in a gel go
+together with one alternative to each automatic choice (fewer components, more smoothing, the
+non-negativity projection instead of the cone) and the space-invariant model, on the same folds,
+and stores the simplest candidate within one standard error of the best (model selection by
+held-out error, ``select=``; a warning where that is the space-invariant model). 2D images ``(y, x)`` and z-stacks ``(z, y, x)`` of beads in a gel go
 through the same steps, in three dimensions for z-stacks.
 """
 

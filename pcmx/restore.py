@@ -8,16 +8,18 @@ the PSF basis shared), then cropped and stitched by Dask: on threads (the defaul
 cluster of processes or on a ``dask.distributed`` scheduler (the active Client).
 
 Halo rule, 2D (measured, Richardson-Lucy, boundary "reflect", the true operator of a 96 x 128
-simulated scene, 15 x 15 kernels (radius ``r = 7``), tiles of 37 and 50 px): the largest
-relative difference ``max |u_tiled - u| / max |u|`` between the tiled and the in-memory result,
-for halos of 1, 2, 3, 4 and 6 ``r``, is 1.5e-3, 1.3e-4, 4.7e-5, 2.6e-5, 4.9e-6 after 10
-iterations; 7.0e-3, 1.2e-3, 1.0e-4, 5.4e-6, 6.7e-6 after 50; 1.6e-2, 1.4e-3, 3.1e-4, 8.1e-6,
-1.1e-5 after 100 (the floor, about 1e-5, is float32 rounding); after 300 iterations 4.5e-1
-with no halo, 1.8e-4, 3.7e-5, 1.6e-5 with 3, 4, 5 ``r``. The default halo
-``ceil(r (3 + log10 I))`` (at most ``8 r``) keeps rl and rl-tv within
-:data:`TILED_TOLERANCE` = 2e-4 (measured with it, 50 iterations: rl 2.8e-6 and 3.7e-6, rl-tv
-7.5e-5 and 7.6e-5, for 37 and 50 px tiles). Tikhonov, FISTA-Haar and Sparse+Smooth, tiled,
-differ by 4.9e-2, 1.1e-1 and 9.8e-3 (30 iterations): per-tile defaults and stopping rules.
+simulated scene, 15 x 15 kernels (radius ``r = 7``), tiles of 37 and 50 px, the larger of the
+two): the largest relative difference ``max |u_tiled - u| / max |u|`` between the tiled and
+the in-memory result, for halos of 1, 2, 3, 4 and 6 ``r``, is 1.5e-3, 1.3e-4, 7.9e-6,
+1.1e-6, 1.7e-6 after 10 iterations; 7.0e-3, 1.2e-3, 1.0e-4, 6.1e-6, 5.3e-6 after 50;
+1.6e-2, 1.4e-3, 3.1e-4, 9.1e-6, 9.5e-6 after 100 (the floor, about 1e-5, is float32
+rounding); after 300 iterations 4.5e-1 with no halo, 4.3e-4, 3.6e-5, 1.8e-5 with 3, 4, 5
+``r``. The default halo ``ceil(r (3 + log10 I))`` (at most ``8 r``) keeps rl and rl-tv
+within :data:`TILED_TOLERANCE` = 2e-4: rl 1.1e-6, 3.3e-6, 7.2e-6 and 2.2e-5 after 10, 50,
+100 and 300 iterations; rl-tv 1.4e-4 and 1.2e-4 (50 iterations, 37 and 50 px tiles: the TV
+term amplifies float32 rounding, as between two orderings of the same in-memory update).
+Tikhonov, FISTA-Haar and Sparse+Smooth, tiled, differ by 4.9e-2, 1.1e-1 and 9.8e-3
+(30 iterations): per-tile defaults and stopping rules.
 
 Halo rule, 3D (measured, rl, boundary "reflect", the simulator's true operator of a
 24 x 96 x 96 bead stack (0.3 um planes, 0.1 um pixels, NA 1.2), 5 components of
@@ -30,7 +32,6 @@ difference is 1.7e-2, 1.9e-3, 5.7e-4, 7.7e-6 after 10 iterations; 3.7e-2, 7.3e-3
 11 x 37 x 37 and 9 x 41 x 29): within :data:`TILED_TOLERANCE`. Every tile starts from the
 whole image's constant (``flux(y - b) / flux(H^T 1)``, as the in-memory run): with its own,
 the difference was 2.2e-4 after 10 iterations (the start is not forgotten when ``b > 0``).
-The 2D figures above were measured with per-tile starts (upper bounds).
 
 Memory per tile (per Dask thread), with ``V`` the voxels of a tile grown by its halo
 (clipped to the image), ``V_e`` those of that window grown by the kernel radius ``r`` (the
@@ -53,7 +54,9 @@ the formula for 2D windows of 126 x 126 and 166 x 186 px (3 components of 15 x 1
 3D windows of 24 x 90 x 90 and 24 x 96 x 96 voxels (5 of 7 x 15 x 15); rl-tv 0.86-0.90.
 :func:`restore_memory` computes it; :func:`auto_chunks` picks the largest tile edge that fits
 a budget. A worker running ``T`` threads holds ``T`` tiles, plus the operator once (its maps:
-``4 I N`` bytes for an image of ``N`` voxels).
+``4 I N`` bytes for an image of ``N`` voxels). An operator whose maps are lazy (opened from a
+store) is sent without them: each tile receives its window of the maps instead (``I V``
+more per tile, nothing per worker).
 """
 
 from __future__ import annotations
@@ -67,14 +70,15 @@ import xarray as xr
 from . import _backend
 from .errors import InputError
 
-__all__ = ["restore", "default_halo", "restore_memory", "auto_chunks", "METHODS", "METHODS_3D",
-           "TILED_TOLERANCE"]
+__all__ = ["restore", "default_halo", "restore_memory", "auto_chunks", "richardson_lucy",
+           "local_operator", "METHODS", "METHODS_3D", "TILED_TOLERANCE"]
 
 METHODS = ("rl", "rl-tv", "tikhonov", "fista-haar", "sparse-smooth")
 #: The methods that restore 3D (z, y, x) stacks (the others are 2D: pcmx.deblur's functions).
 METHODS_3D = ("rl", "rl-tv")
 # max |tiled - in memory| / max |in memory| that the default halo achieves for "rl" and "rl-tv"
-# (measured at most 3.7e-5 for rl, 10-300 iterations, and 7.7e-5 for rl-tv; module docstring)
+# (measured at most 2.2e-5 for rl, 10-300 iterations, 2D and 3D, and 1.4e-4 for rl-tv; module
+# docstring)
 TILED_TOLERANCE = 2e-4
 # arrays of the window's size a tile of each method keeps (module docstring, measured for rl)
 _ARRAYS = {"rl": 7, "rl-tv": 9}
