@@ -273,7 +273,16 @@ def cpu_seconds():
 # --------------------------------------------------------------------------------------------
 # part 1: memory and tiles
 # --------------------------------------------------------------------------------------------
-def measure_case(label, op_ds, y, *, rounds, n1, n2, tiled_iter, chunks, no_peers, peer):
+def _window_ratio(shape, chunks, halo):
+    """Pixels of the tiles' windows (each tile grown by the halo, clipped at the edges) over
+    the image's."""
+    extent = 1.0
+    for n, c, h in zip(shape, chunks, halo, strict=True):
+        extent *= sum(min(s + c + h, n) - max(s - h, 0) for s in range(0, n, c)) / n if c < n else 1.0
+    return extent
+
+
+def measure_case(label, op_ds, y, *, rounds, n1, n2, tiled_iter, chunks, no_peers, peer, extra=()):
     import pcmx
     from pcmx.deblur.baselines import richardson_lucy_tv
     from pcmx.restore import default_halo, restore
@@ -285,7 +294,7 @@ def measure_case(label, op_ds, y, *, rounds, n1, n2, tiled_iter, chunks, no_peer
     inv = InvariantRL(y, psf, OFFSET)
     H.adjoint(H.apply(y))  # caches (spectra, maps)
     rows = {k: [] for k in ("pair", "restore", "rl_tv", "rl_before", "invariant",
-                            "tiled", "tiled_halo0", "memory_whole")}
+                            "tiled", "tiled_halo0", "memory_whole", *(f"tiled_{c[-1]}" for c in extra))}
     halo = default_halo(tuple(H.radius), tiled_iter)
     halo = halo if isinstance(halo, tuple) else (halo,) * y.ndim
     cold = {}
@@ -294,6 +303,8 @@ def measure_case(label, op_ds, y, *, rounds, n1, n2, tiled_iter, chunks, no_peer
                                               offset=OFFSET))
         cold["tiled_halo0"] = timed(lambda: restore(y, H, method="rl", iterations=tiled_iter,
                                                     chunks=chunks, halo=0, offset=OFFSET))
+        for c in extra:
+            restore(y, H, method="rl", iterations=tiled_iter, chunks=c, offset=OFFSET)
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     for r in range(rounds):
         rows["pair"].append(med([timed(lambda: H.adjoint(H.apply(y))) for _ in range(2)]))
@@ -311,6 +322,9 @@ def measure_case(label, op_ds, y, *, rounds, n1, n2, tiled_iter, chunks, no_peer
                                                        chunks=chunks, offset=OFFSET)))
             rows["tiled_halo0"].append(timed(lambda: restore(y, H, method="rl", iterations=tiled_iter,
                                                              chunks=chunks, halo=0, offset=OFFSET)))
+            for c in extra:
+                rows[f"tiled_{c[-1]}"].append(timed(lambda c=c: restore(
+                    y, H, method="rl", iterations=tiled_iter, chunks=c, offset=OFFSET)))
         print(f"  {label} round {r + 1}: " + ", ".join(
             f"{k} {v[-1][0] * 1e3:.0f}/{v[-1][1] * 1e3:.0f} ms" for k, v in rows.items() if v)
             + f" (wall/cpu); load {os.getloadavg()[0]:.1f}", flush=True)
@@ -320,12 +334,8 @@ def measure_case(label, op_ds, y, *, rounds, n1, n2, tiled_iter, chunks, no_peer
                chunks=chunks, tiled_iter=tiled_iter, cpu_share=cpu_share, rounds=rounds, cold=cold,
                raw={k: np.asarray(v).tolist() for k, v in rows.items() if v},
                load=os.getloadavg())
-    # the tiled windows: pixels restored (tile + halo, clipped) over the image's
-    extent = 1.0
-    for n, c, h in zip(y.shape, chunks, halo, strict=True):
-        starts = range(0, n, c)
-        extent *= sum(min(s + c + h, n) - max(s - h, 0) for s in starts) / n if c < n else 1.0
-    res["window_ratio"] = extent
+    res["window_ratio"] = _window_ratio(y.shape, chunks, halo)
+    res["extra"] = {f"tiled_{c[-1]}": (c, _window_ratio(y.shape, c, halo)) for c in extra}
     if not no_peers and os.path.exists(PEERS_PYTHON):
         res["peer"] = run_peer(peer, y, psf, n2 - n1, rounds)
     return res
@@ -385,7 +395,8 @@ def part_memory(args):
         op, y = operator_2d(tuple(args.shape2d))
         results["2d"] = measure_case("2d", op, y, rounds=args.rounds, n1=2, n2=args.iterations,
                                      tiled_iter=args.tiled_iterations, chunks=tuple(args.chunks2d),
-                                     no_peers=args.no_peers, peer="skimage")
+                                     no_peers=args.no_peers, peer="skimage",
+                                     extra=[(t, t) for t in args.extra_tiles2d])
     if "3d" in args.cases:
         print("3D: operator and image", flush=True)
         import pcmx
@@ -468,7 +479,10 @@ def memory_lines(results, args) -> list[str]:
             for name, key, note in (
                     ("in memory", "memory_whole", ""),
                     ("tiled, default halo", "tiled", verdict(r["tiled"], mem)),
-                    ("tiled, halo 0 (inexact: the per-tile overhead alone)", "tiled_halo0", "")):
+                    ("tiled, halo 0 (inexact: the per-tile overhead alone)", "tiled_halo0", ""),
+                    *((f"tiled, tiles {'x'.join(map(str, c))}, default halo", key,
+                       f"{verdict(r[key], mem)}; windows {ratio:.2f}x the image")
+                      for key, (c, ratio) in r["extra"].items())):
                 t = np.asarray(r[key])
                 lines.append(f"| {name} | {t[0]:.2f} s | {t[1]:.2f} s | "
                              f"{r['n_vox'] * r['tiled_iter'] / t[0] / 1e6:.1f} M | "
@@ -683,6 +697,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shape2d", type=int, nargs=2, default=(2304, 2304))
     p.add_argument("--chunks2d", type=int, nargs=2, default=(512, 512))
+    p.add_argument("--extra-tiles2d", type=int, nargs="*", default=(768, 1152),
+                   help="more 2D tile edges timed tiled (default halo)")
     p.add_argument("--shape3d", type=int, nargs=3, default=(32, 512, 512))
     p.add_argument("--chunks3d", type=int, nargs=3, default=(32, 256, 256))
     p.add_argument("--iterations", type=int, default=8, help="n2 of the per-iteration difference")

@@ -10,14 +10,18 @@ astigmatism and coma growing towards the edges: :data:`ABERRATIONS`):
 * 3D ``beads``: 24 x 128 x 128, beads spread through the volume (z step 200 nm).
 
 Each is restored by every method of :func:`pcmx.restore.restore` (3D: ``rl``, ``rl-tv``, the
-methods that take z-stacks) with three operators:
+methods that take z-stacks, :data:`pcmx.restore.METHODS_3D`) with four operators:
 
-* ``true``: the simulator's exact model as a product-convolution
+* (a) ``true``: the simulator's exact model as a product-convolution
   (:func:`pcmx.simulate.true_operator`, rank 8, kernels of the learned operator's size);
-* ``learned``: :func:`pcmx.learn_operator` on a separate bead image (2D) or bead stack (3D) of
-  the same microscope (other bead positions, other noise);
-* ``invariant``: the space-invariant practice, the mean of the true PSFs over the field
-  (a 16 x 16 lattice) as one kernel (:func:`pcmx.learn.invariant_operator`).
+* (b) ``learned``: :func:`pcmx.learn_operator` (defaults) on a separate bead image (2D) or
+  bead stack (3D) of the same microscope (other bead positions, other noise);
+* (c) ``invariant``: the space-invariant practice with the best single PSF, the mean of the
+  true PSFs over the field (a 16 x 16 lattice; 8 x 8 in 3D) as one kernel
+  (:func:`pcmx.learn.invariant_operator`);
+* (c') ``invariant-learned``: the mean PSF of the learned operator over the same lattice, the
+  average bead PSF of the same calibration: (b) against (c') isolates what the space
+  variation adds with the same learning errors, (a) against (c) with none.
 
 Error against the true object, with a resolution floor: the truth is the sources as Gaussian
 spots of sigma 1 px (0.7 px along z in 3D) at their exact sub-pixel positions plus the
@@ -96,15 +100,16 @@ def errors(x, truth, sigma):
     return rel, psnr
 
 
-def lattice(op, n=16):
+def lattice(op, n=None):
     """Integer (y, x) pixel positions of an n x n lattice over ``op``'s field."""
+    n = n or (16 if "z" not in op.dims else 8)
     ny, nx = op.sizes["y"], op.sizes["x"]
     yy, xx = np.meshgrid(np.linspace(0, ny - 1, n), np.linspace(0, nx - 1, n), indexing="ij")
     return np.rint(yy.ravel()).astype(int), np.rint(xx.ravel()).astype(int)
 
 
 def mean_true_psf_operator(sim, op_true, size, size_z=None):
-    """The space-invariant operator of the mean true PSF over a 16 x 16 lattice."""
+    """The space-invariant operator of the mean true PSF over a lattice (:func:`lattice`)."""
     from pcmx.learn import invariant_operator
     from pcmx.simulate import true_psfs
 
@@ -115,8 +120,8 @@ def mean_true_psf_operator(sim, op_true, size, size_z=None):
 
 
 def mean_learned_psf_operator(learned):
-    """The space-invariant operator of the learned operator's mean PSF over a 16 x 16 lattice
-    (and its middle plane in 3D): the average bead PSF of the same bead image."""
+    """The space-invariant operator of the learned operator's mean PSF over a lattice (and its
+    middle plane in 3D): the average bead PSF of the same bead image."""
     from pcmx.learn import invariant_operator
     from pcmx.operator import ProductConvolution
 
@@ -280,10 +285,11 @@ def main() -> None:
         "Each cell: relative l2 error after the best flux scale / PSNR, of the restoration "
         f"blurred by a Gaussian of sigma {SIGMA:g} px ({SIGMA_Z:g} plane along z) against the "
         "sources as Gaussian spots of the same sigma at their exact positions plus the "
-        "background (lower error, higher PSNR: better). Operators: `true` (the simulator's "
-        "model, rank 8), `learned` (`pcmx.learn_operator` on a separate bead image of the "
+        "background (lower error, higher PSNR: better). Operators: (a) the simulator's "
+        "model (rank 8), (b) `pcmx.learn_operator` on a separate bead image of the "
         f"same microscope: {learned.sizes['component']} components, {learned.sizes['ky']} px "
-        "kernels), `invariant` (the mean true PSF over the field, one kernel). Dirac-comb "
+        "kernels), (c) the mean true PSF over the field as one kernel, (c') the mean PSF of the "
+        "learned operator as one kernel. Dirac-comb "
         f"distance to the truth (2D, spacing 16 px): learned {dist['learned']:.3f}, mean true "
         f"PSF {dist['invariant']:.3f}, mean learned PSF {dist['invariant-learned']:.3f}. "
         + (info3 + "." if info3 else "3D not run."),

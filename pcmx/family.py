@@ -695,8 +695,10 @@ def _validation(validate, folds, good, labels, ckpt, summaries, r, shape, t, t_f
     if validate is True:
         enough = list(good)
     # one fold repeats the family's PCA, maps and SVD on 1 - 1/folds of the beads, and fits each
-    # image's own operator beside it: about twice the family's per-image cost
-    per_image = 2.0 * (t["psf_basis"] + t["coefficients"] + t["svd"]) / max(len(good), 1)
+    # image's own operator beside it (a PCA of its beads, its spline read at the held-out beads
+    # only): about the family's per-image cost with its PCA twice (measured: 13.7 s estimated,
+    # 13.1 s taken, for 3 of 12 images of 1024^2 in benchmarks/learn_family.py --quick)
+    per_image = (2.0 * t["psf_basis"] + t["coefficients"] + t["svd"]) / max(len(good), 1)
     budget = max(VALIDATE_SHARE * t_family, VALIDATE_MIN_S)
     n_fit = len(enough) if validate is True else min(len(enough), int(budget / max(folds * per_image, 1e-9)))
     record.update(images=len(good), budget_s=round(budget, 2), estimate_s_per_image=round(folds * per_image, 3))

@@ -32,7 +32,7 @@ from .cross_validation import (
     select_model,
 )
 from .errors import InputError
-from .fit import fit_operator, realism_policy, used_bead_mask
+from .fit import fit_basis, fit_operator, realism_policy, used_bead_mask
 from .io.readers import PcmxWarning, as_image
 from .neighbours import neighbour_passes, refit_without_neighbours
 from .patches import bead_patches, source_name
@@ -148,13 +148,17 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
     bp = bead_patches(img, psf_radius=psf_radius, threshold=threshold, background=background)
     fit_options = {"n_components": n_components, "eta": eta, "realism": policy}
     try:
-        ds = fit_operator(bp, image=img, **fit_options)
+        # the PSF basis of all beads, kept for a candidate of the same I that model selection
+        # may refit (its spline or projection differ, not its PCA)
+        basis = fit_basis(bp.usable_beads(), n_components)
+        ds = fit_operator(bp, image=img, basis=basis, **fit_options)
         n_passes = neighbour_passes(neighbours, img.ndim)
         record = []
         if n_passes:
             # the stored model is fitted on the cleaned patches: so is every fold below
             ds, bp, record = refit_without_neighbours(bp, img, partial(fit_operator, image=img, **fit_options),
                                                       passes=n_passes, threshold=threshold, first=ds)
+            basis = None  # of the uncleaned patches
     except InputError as err:
         raise InputError(f"{source}: {err}") from None
     if validate == "auto":
@@ -171,7 +175,7 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
             specs = specs[:1]
         t0 = time.perf_counter()
         cv = cross_validate(bp, folds=folds, seed=seed, candidates=specs, grid=img)
-        ds, cv, selection = _select(ds, cv, bp, img, specs, select, source, seed)
+        ds, cv, selection = _select(ds, cv, bp, img, specs, select, source, seed, basis)
         selection["seconds"] = round(time.perf_counter() - t0, 4)
     params = ds.attrs["pcmx_parameters"]
     params["neighbours"] = {"requested": neighbours, "passes": record}
@@ -189,7 +193,7 @@ def learn_operator(image, *, n_components: int | None = None, psf_radius=None,
 
 
 def _select(ds: xr.Dataset, cv: xr.Dataset, bp, img, specs: list[dict], select: str, source: str,
-            seed: int) -> tuple[xr.Dataset, xr.Dataset, dict]:
+            seed: int, basis=None) -> tuple[xr.Dataset, xr.Dataset, dict]:
     """Model selection by held-out error (:func:`pcmx.cross_validation.select_model`): the
     stored model (``ds``: the automatic fit; a candidate refitted on all beads, or the
     space-invariant model), ``cv`` with ``cv_error`` and its figures those of the stored
@@ -214,9 +218,11 @@ def _select(ds: xr.Dataset, cv: xr.Dataset, bp, img, specs: list[dict], select: 
                                         "n_components_rule": "model selection: space-invariant"}
     elif chosen != "automatic":
         spec = specs[names.index(chosen)]
+        same_i = basis is not None and spec["n_components"] == specs[0]["n_components"]
         try:
             out = fit_operator(bp, image=img, n_components=spec["n_components"], eta=spec["eta"],
-                               realism=spec["realism"], eta_scale=spec["eta_scale"])
+                               realism=spec["realism"], eta_scale=spec["eta_scale"],
+                               basis=basis if same_i else None)
         except InputError as err:
             raise InputError(f"{source}: {err}") from None
         out.attrs["pcmx_parameters"]["n_components_rule"] = (

@@ -21,7 +21,7 @@ MODE_TOLERANCE = 0.01
 
 def realism_of_family(realism) -> Realism:
     """The family's :class:`pcmx.fit.Realism` policy from what users pass (see
-    :func:`learn_family`); the cone of K states is not capped: the pooled vectors of K states
+    :func:`pcmx.family.learn_family`); the cone of K states is not capped: the pooled vectors of K states
     need more generators than one image's (10 states of 22 dim beads: ~100 to reach 1 degree;
     a cap of 32 left a cone 2-3.5 degrees too small, +30-50% of PSF error)."""
     return realism_policy(realism)

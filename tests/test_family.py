@@ -162,7 +162,7 @@ def test_learn_family_validation_budget_subsamples_or_skips(sim, monkeypatch):
     real = fmod._validation
 
     def spy(validate, folds, good, labels, ckpt, summaries, r, shape, t, t_family, grid, **kw):
-        per = 2.0 * (t["psf_basis"] + t["coefficients"] + t["svd"]) / len(good) * folds
+        per = (2.0 * t["psf_basis"] + t["coefficients"] + t["svd"]) / len(good) * folds
         monkeypatch.setattr(fmod, "VALIDATE_SHARE", seen.setdefault("share", 2.5 * per / t_family))
         return real(validate, folds, good, labels, ckpt, summaries, r, shape, t, t_family, grid, **kw)
 

@@ -75,7 +75,14 @@ def test_store_round_trip_and_cli(sim, tmp_path, capsys):
     assert op.sizes["component"] == 4
     assert op.attrs["pcmx_inputs"][0]["name"] == "beads.tif"
     assert abs(float(op["x"][1] - op["x"][0]) - 0.065) < 1e-9
-    assert "beads used of" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "beads used of" in printed
+    # the model selection's candidates (I given: no "fewer components") and the choice
+    sel = op.attrs["pcmx_parameters"]["model_selection"]
+    assert set(sel["median_error"]) == {"space-invariant", "automatic", "smoother", "non-negative",
+                                        "no realism"}
+    assert f"stored model: {sel['chosen']}" in printed
+    assert f"automatic {sel['median_error']['automatic']:.3f}" in printed
     assert main(["learn", str(tif), "-o", str(out)]) == 2  # no overwrite without --overwrite
 
 
