@@ -401,6 +401,17 @@ def test_richardson_lucy_in_place_equals_the_reference(case):
 
         adjoint = apply
 
+    # start= given as the default's value: the same numbers; another value: another start
+    H = pcmx.ProductConvolution(op, boundary="reflect")
+    ht1 = np.maximum(H.adjoint(np.ones_like(y)), 1e-3 * float(H.adjoint(np.ones_like(y)).max()))
+    default = float(np.sum(np.maximum(y - OFFSET, 0), dtype=np.float64)) / float(np.sum(ht1, dtype=np.float64))
+    u = richardson_lucy_tv(y, H, lam=0.0, n_iter=3, offset=OFFSET)
+    np.testing.assert_allclose(richardson_lucy_tv(y, H, lam=0.0, n_iter=3, offset=OFFSET, start=default),
+                               u, rtol=1e-5, atol=1e-5 * float(u.max()))
+    assert not np.allclose(richardson_lucy_tv(y, H, lam=0.0, n_iter=1, offset=OFFSET, start=10 * default),
+                           richardson_lucy_tv(y, H, lam=0.0, n_iter=1, offset=OFFSET), rtol=1e-3)
+    with pytest.raises(InputError, match="start=0 must be a positive number"):
+        richardson_lucy_tv(y, H, start=0)
     ident = Identity()
     u = richardson_lucy_tv(y, ident, lam=0.0, n_iter=3, offset=OFFSET)
     _assert_same(u, _rl_reference(y, ident, lam=0.0, n_iter=3, offset=OFFSET), "identity")

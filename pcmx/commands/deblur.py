@@ -109,8 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace existing outputs, and discard an interrupted OUT.zarr write "
                              "made with other inputs or arguments")
     parser.add_argument("--no-resume", action="store_true",
-                        help="OUT.zarr: start over instead of resuming an interrupted write of the "
-                             "same inputs and arguments")
+                        help="OUT.zarr: start over, discarding an interrupted write (of any "
+                             "inputs and arguments) instead of resuming it")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars on stderr (shown on a terminal by default)")
 

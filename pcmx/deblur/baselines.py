@@ -357,7 +357,7 @@ def tikhonov_fourier(image, psf, *, lam: float, offset: float = 0.0) -> np.ndarr
 # --------------------------------------------------------------------------------------------
 def richardson_lucy_tv(image, operator, *, lam: float = 0.002, n_iter: int = 50,
                        offset: float | None = None, eps: float | None = None,
-                       boundary: str = "reflect"):
+                       boundary: str = "reflect", start: float | None = None):
     r"""Richardson-Lucy deconvolution with total-variation regularisation (Dey et al. 2006).
 
     Poisson maximum likelihood with the model ``y ~ Poisson(H u + b)`` and the penalty
@@ -384,6 +384,10 @@ def richardson_lucy_tv(image, operator, *, lam: float = 0.002, n_iter: int = 50,
     boundary : {"reflect", "zero", "periodic"}
         Boundary of the operator built from a Dataset or store path (default "reflect", as
         in :func:`pcmx.deblur.sparse_smooth`); a ProductConvolution keeps its own.
+    start : float, optional
+        The value of the constant start image; default ``flux(y - b) / sum(H^T 1)`` (the
+        flux of ``y - b`` spread evenly). A tile of a larger image takes the whole image's
+        value, so that tiles start where the whole-image run does.
 
     Returns
     -------
@@ -418,7 +422,9 @@ def richardson_lucy_tv(image, operator, *, lam: float = 0.002, n_iter: int = 50,
     xp.maximum(ht1, floor, out=ht1)
     flux = max(float(xp.sum(xp.maximum(y - b, 0), dtype=np.float64)), 1e-12)
     eps = np.float32(1e-3 * flux / y.size if eps is None else _positive(eps, "eps"))
-    u = xp.full_like(y, flux / float(xp.sum(ht1, dtype=np.float64)))
+    if start is None:
+        start = flux / float(xp.sum(ht1, dtype=np.float64))
+    u = xp.full_like(y, _positive(start, "start"))
     y_pos = xp.maximum(y, 0)  # read noise can make counts negative; Poisson needs >= 0
     del y
     b32 = np.float32(b)

@@ -174,7 +174,7 @@ def _prepare_partial(partial: str, manifest: dict, *, overwrite: bool, resume: b
         same = old is not None and old.get("fingerprint") == manifest["fingerprint"]
         if same and resume and os.path.isdir(os.path.join(partial, _STORE)):
             return True
-        if old is not None and not same and not overwrite:
+        if old is not None and not same and not overwrite and resume:
             diff = ", ".join(manifest_differences(old, manifest)) or "fingerprint"
             raise InputError(
                 f"{path}: an interrupted write in {partial} was made with other inputs or "
@@ -292,7 +292,8 @@ def write_chunked(array, path, *, dims, coords=None, attrs=None, name: str = "re
         Replace an existing pcmx store at ``path`` (never something that is not one), and
         discard a partial store made with other inputs or parameters.
     resume : bool
-        Resume a partial store of the same fingerprint (default); False starts over.
+        Resume a partial store of the same fingerprint (default); False discards any partial
+        store and starts over.
     group : str, optional
         Write the store as this group of the local Zarr v3 hierarchy ``path`` (e.g.
         ``"pcmx/restoration"`` inside an OME-Zarr image); the hierarchy's consolidated
@@ -378,6 +379,9 @@ def write_chunked(array, path, *, dims, coords=None, attrs=None, name: str = "re
             atomic_json(os.path.join(partial, _MANIFEST), manifest)  # last: the partial is usable
         done = _read_done(os.path.join(partial, _DONE), nblocks)
         todo = [idx for idx in np.ndindex(*nblocks) if idx not in done]
+        with open(os.path.join(partial, _DONE), "ab+") as f:
+            if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                f.write(b"\n")  # end a line a kill cut (it is ignored), not glue the next to it
         with open(os.path.join(partial, _DONE), "a") as log:
             _run_chunks(array, store, name, todo, log, progress=progress, callback=callback,
                         total=total, done_before=len(done))
