@@ -29,10 +29,10 @@ from pcmx.errors import InputError, StoreExistsError
 from pcmx.io.chunked import (
     input_record,
     lazy_offset,
-    open_image_lazy,
     partial_path,
     write_chunked,
 )
+from pcmx.io.readers import open_image_lazy
 from pcmx.io.tiff import write_tiff
 from pcmx.operator import ProductConvolution
 from pcmx.restore import restore

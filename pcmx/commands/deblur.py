@@ -224,8 +224,8 @@ def _restore_lazy(args, family, operator):
     import warnings
 
     from .. import restore as restore_module
-    from ..io.chunked import lazy_offset, open_image_lazy
-    from ..io.readers import PcmxWarning
+    from ..io.chunked import lazy_offset
+    from ..io.readers import PcmxWarning, open_image_lazy
 
     read_chunks = max(args.chunks or 0, READ_BLOCK)  # blocks read: restore cuts them in tiles
     with warnings.catch_warnings():

@@ -357,7 +357,7 @@ def atomic_json(final, obj) -> str:
     return atomic_file(final, write)
 
 
-def _put_in_place(tmp: str, final: str) -> None:
+def put_in_place(tmp: str, final: str) -> None:
     """Move the complete ``tmp`` to ``final``; a reader at ``final`` never finds it missing
     where :func:`exchange` works."""
     if not os.path.lexists(final):
@@ -420,7 +420,7 @@ def atomic_dir(final, write: Callable[[str], object], *,
         tmp = temporary_sibling(final)
         try:
             write(tmp)
-            _put_in_place(tmp, final)
+            put_in_place(tmp, final)
         except BaseException:
             _remove(tmp)
             raise

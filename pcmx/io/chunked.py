@@ -20,7 +20,7 @@ The chunks are computed by the active Dask scheduler: threads by default, or the
 (the store must be on a filesystem the workers see, e.g. a local directory for a
 ``LocalCluster`` of processes).
 
-:func:`open_image_lazy` reads an image without loading it: a TIFF region by region (through
+:func:`pcmx.io.readers.open_image_lazy` reads an image without loading it: a TIFF region by region (through
 tifffile's Zarr interface), a Zarr/OME-Zarr as a Dask array of its chunks, a ``.npy`` memory
 mapped.
 """
@@ -44,7 +44,7 @@ from ..errors import InputError, StoreError, StoreExistsError
 from ..provenance import jsonable
 
 __all__ = ["PARTIAL_MARKER", "Written", "partial_path", "input_record", "write_chunked",
-           "open_image_lazy", "lazy_offset", "ome_multiscales"]
+           "lazy_offset", "ome_multiscales"]
 
 PARTIAL_MARKER = ".pcmx-partial"
 """In the name of the partial store of an unfinished :func:`write_chunked` (``.NAME.pcmx-partial``)."""
@@ -193,12 +193,12 @@ def _template(array, name, dims, coords, attrs, zchunks) -> xr.Dataset:
 
 def _create(store: str, template: xr.Dataset, name: str, zchunks) -> None:
     """The Zarr v3 store with every coordinate and attribute and the empty output array."""
-    from .store import _CONSOLIDATED_WARNING, _portable_strings
+    from .store import CONSOLIDATED_WARNING, portable_strings
 
     enc = {name: {"chunks": tuple(zchunks)}}
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
-        _portable_strings(template).to_zarr(store, mode="w-", zarr_format=3, consolidated=False,
+        warnings.filterwarnings("ignore", message=CONSOLIDATED_WARNING)
+        portable_strings(template).to_zarr(store, mode="w-", zarr_format=3, consolidated=False,
                                             compute=False, encoding=enc)
 
 
@@ -336,10 +336,10 @@ def write_chunked(array, path, *, dims, coords=None, attrs=None, name: str = "re
     import dask.array as da
 
     from ..schema import validate
-    from .atomic import _put_in_place, clean_leftovers, writer_lock
-    from .store import _local, _with_provenance, consolidate, group_dir, is_store, open_store
+    from .atomic import clean_leftovers, put_in_place, writer_lock
+    from .store import consolidate, group_dir, is_store, local_path, open_store, with_provenance
 
-    path = _local(os.fspath(path)).rstrip(os.sep)
+    path = local_path(os.fspath(path)).rstrip(os.sep)
     root = None
     if not da.core.is_dask_collection(array):
         array = da.from_array(np.asarray(array), chunks=tuple(min(n, 1024) for n in np.shape(array)))
@@ -352,7 +352,7 @@ def write_chunked(array, path, *, dims, coords=None, attrs=None, name: str = "re
     attrs = {**dict(attrs or {}), "pcmx_type": kind}
     if ome is not None:
         attrs["ome"] = ome
-    template = _with_provenance(_template(array, name, dims, coords, attrs, zchunks))
+    template = with_provenance(_template(array, name, dims, coords, attrs, zchunks))
     validate(template, kind=kind, source=path, require_provenance=True, check_values=False)
     if group is not None:
         root, path = path, group_dir(path, group, create=True)
@@ -403,7 +403,7 @@ def write_chunked(array, path, *, dims, coords=None, attrs=None, name: str = "re
         finally:
             ds.close()
         os.remove(os.path.join(partial, _MANIFEST))  # a kill after this: nothing to resume
-        _put_in_place(store, path)
+        put_in_place(store, path)
         shutil.rmtree(partial, ignore_errors=True)
     if root is not None:
         consolidate(root)
@@ -424,127 +424,8 @@ def ome_multiscales(dims, pixel_size_um, *, path: str = "restored", name: str = 
 
 
 # --------------------------------------------------------------------------------------------
-# Reading lazily
+# The camera offset of a lazy image
 # --------------------------------------------------------------------------------------------
-class _TiffRegions:
-    """A TIFF series as an array-like read region by region (opened for each read, so it
-    pickles to workers as its path)."""
-
-    def __init__(self, path: str, series: int, shape, dtype) -> None:
-        self.path, self.series = path, series
-        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
-
-    def __getitem__(self, key):
-        import tifffile
-        import zarr
-
-        with tifffile.TiffFile(self.path) as tif, tif.series[self.series].aszarr() as zs:
-            return np.asarray(zarr.open_array(zs, mode="r")[key])
-
-
-def _tiff_lazy(path: str, channel, time, chunks):
-    import dask.array as da
-    import tifffile
-
-    from .readers import _imagej_channel_names, _no_axis, _select, _tiff_pixel_size
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            shape, dtype, axes = tuple(series.shape), series.dtype, str(series.axes)
-            sizes = _tiff_pixel_size(tif)
-            samples = int(getattr(tif.pages[0], "samplesperpixel", 1) or 1)
-            names = _imagej_channel_names(tif)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except Exception as exc:  # noqa: BLE001  (any parser error means a broken file)
-        raise InputError(f"cannot read {path}: not a valid TIFF (truncated or corrupt): "
-                         f"{type(exc).__name__}: {exc}") from exc
-    if samples > 1:
-        from .readers import _channels_message
-
-        raise InputError(_channels_message(path, shape, samples))
-    st = os.stat(path)
-    token = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    spec = [1 if a not in "ZYX" else (c if c else n) for a, n, c in
-            zip(axes, shape, _axis_chunks(axes, shape, chunks), strict=True)]
-    data = da.from_array(_TiffRegions(path, 0, shape, dtype), chunks=tuple(spec), lock=False,
-                         name=f"tiff-{token}", asarray=True, meta=np.empty((0,) * len(shape), dtype))
-    legacy = len(axes) == 3 and channel is None and time is None
-    if len(axes) == data.ndim and ("C" in axes or "T" in axes) and not legacy:
-        axmap = {"C": "c", "T": "t", "Z": "z", "Y": "y", "X": "x"}
-        return _select(data, [axmap.get(a, a.lower()) for a in axes], path, channel, time, names), sizes
-    if channel not in (None, 0) or time not in (None, 0):
-        _no_axis(path, "channel" if channel not in (None, 0) else "time")
-    return data, sizes
-
-
-def _axis_chunks(axes: str, shape, chunks) -> list:
-    """Read chunks per axis: ``chunks`` pixels in y and x (the whole axis if None), one plane in z."""
-    out = []
-    for a, n in zip(axes, shape, strict=True):
-        if a in "YX":
-            out.append(min(n, int(chunks)) if chunks else n)
-        elif a == "Z":
-            out.append(1)
-        else:
-            out.append(1)
-    return out
-
-
-def open_image_lazy(path, *, pixel_size=None, channel=None, time=None, chunks: int | None = None):
-    """Read an image lazily, as :func:`pcmx.io.readers.read_image` reads it whole.
-
-    Parameters
-    ----------
-    path : str or path-like
-        A TIFF (read region by region through tifffile's Zarr interface), a Zarr / OME-Zarr
-        (its Dask array; the first multiscale level) or a ``.npy`` (memory-mapped).
-    pixel_size, channel, time
-        As for :func:`pcmx.io.readers.read_image`.
-    chunks : int, optional
-        Edge in pixels of the blocks read in y and x (z: one plane per block); the whole
-        plane when None. A Zarr keeps its own chunks.
-
-    Returns
-    -------
-    DataArray (y, x) or (z, y, x)
-        Dask-backed, with physical coordinates (units) like :func:`read_image`'s.
-
-    Raises
-    ------
-    InputError
-        As :func:`read_image`.
-    """
-    import dask.array as da
-
-    from .readers import _finish, _no_axis, read_image
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
-    low = path.lower().rstrip("/")
-    if os.path.isdir(path):
-        return read_image(path, pixel_size=pixel_size, channel=channel, time=time)
-    if low.endswith((".tif", ".tiff")):
-        data, sizes = _tiff_lazy(path, channel, time, chunks)
-        return _finish(data, sizes, path, pixel_size)
-    if low.endswith(".npy"):
-        if channel not in (None, 0) or time not in (None, 0):
-            _no_axis(path, "channel" if channel not in (None, 0) else "time")
-        try:
-            mm = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read {path}: not a valid .npy file ({exc})") from exc
-        spec = tuple(1 if (mm.ndim == 3 and i == 0) else (min(n, int(chunks)) if chunks else n)
-                     for i, n in enumerate(mm.shape))
-        st = os.stat(path)
-        token = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        data = da.from_array(mm, chunks=spec, name=f"npy-{token}", lock=False)
-        return _finish(data, None, path, pixel_size)
-    return read_image(path, pixel_size=pixel_size, channel=channel, time=time)
-
-
 def lazy_offset(data) -> float:
     """:func:`pcmx.deblur.estimate_offset` of a Dask image without loading it whole.
 

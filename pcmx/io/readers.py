@@ -8,6 +8,7 @@ coordinates and a :class:`PcmxWarning` saying so.
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ import xarray as xr
 from ..errors import InputError
 from ..units import parse_length, spatial_coords, ureg
 
-__all__ = ["PcmxWarning", "read_image", "as_image", "natural_sort"]
+__all__ = ["PcmxWarning", "read_image", "open_image_lazy", "as_image", "natural_sort"]
 
 
 class PcmxWarning(UserWarning):
@@ -429,3 +430,116 @@ def _finish_quiet(data, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PcmxWarning)
         return _finish(data, None, "array", None, name=name)
+
+
+class _TiffRegions:
+    """A TIFF series as an array-like read region by region (opened for each read, so it
+    pickles to workers as its path)."""
+
+    def __init__(self, path: str, series: int, shape, dtype) -> None:
+        self.path, self.series = path, series
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+
+    def __getitem__(self, key):
+        import tifffile
+        import zarr
+
+        with tifffile.TiffFile(self.path) as tif, tif.series[self.series].aszarr() as zs:
+            return np.asarray(zarr.open_array(zs, mode="r")[key])
+
+
+def _tiff_lazy(path: str, channel, time, chunks):
+    import dask.array as da
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, dtype, axes = tuple(series.shape), series.dtype, str(series.axes)
+            sizes = _tiff_pixel_size(tif)
+            samples = int(getattr(tif.pages[0], "samplesperpixel", 1) or 1)
+            names = _imagej_channel_names(tif)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # noqa: BLE001  (any parser error means a broken file)
+        raise InputError(f"cannot read {path}: not a valid TIFF (truncated or corrupt): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if samples > 1:
+        raise InputError(_channels_message(path, shape, samples))
+    st = os.stat(path)
+    token = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    spec = [1 if a not in "ZYX" else (c if c else n) for a, n, c in
+            zip(axes, shape, _axis_chunks(axes, shape, chunks), strict=True)]
+    data = da.from_array(_TiffRegions(path, 0, shape, dtype), chunks=tuple(spec), lock=False,
+                         name=f"tiff-{token}", asarray=True, meta=np.empty((0,) * len(shape), dtype))
+    legacy = len(axes) == 3 and channel is None and time is None
+    if len(axes) == data.ndim and ("C" in axes or "T" in axes) and not legacy:
+        axmap = {"C": "c", "T": "t", "Z": "z", "Y": "y", "X": "x"}
+        return _select(data, [axmap.get(a, a.lower()) for a in axes], path, channel, time, names), sizes
+    if channel not in (None, 0) or time not in (None, 0):
+        _no_axis(path, "channel" if channel not in (None, 0) else "time")
+    return data, sizes
+
+
+def _axis_chunks(axes: str, shape, chunks) -> list:
+    """Read chunks per axis: ``chunks`` pixels in y and x (the whole axis if None), one plane in z."""
+    out = []
+    for a, n in zip(axes, shape, strict=True):
+        if a in "YX":
+            out.append(min(n, int(chunks)) if chunks else n)
+        elif a == "Z":
+            out.append(1)
+        else:
+            out.append(1)
+    return out
+
+
+def open_image_lazy(path, *, pixel_size=None, channel=None, time=None, chunks: int | None = None):
+    """Read an image lazily, as :func:`pcmx.io.readers.read_image` reads it whole.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A TIFF (read region by region through tifffile's Zarr interface), a Zarr / OME-Zarr
+        (its Dask array; the first multiscale level) or a ``.npy`` (memory-mapped).
+    pixel_size, channel, time
+        As for :func:`pcmx.io.readers.read_image`.
+    chunks : int, optional
+        Edge in pixels of the blocks read in y and x (z: one plane per block); the whole
+        plane when None. A Zarr keeps its own chunks.
+
+    Returns
+    -------
+    DataArray (y, x) or (z, y, x)
+        Dask-backed, with physical coordinates (units) like :func:`read_image`'s.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_image`.
+    """
+    import dask.array as da
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    low = path.lower().rstrip("/")
+    if os.path.isdir(path):
+        return read_image(path, pixel_size=pixel_size, channel=channel, time=time)
+    if low.endswith((".tif", ".tiff")):
+        data, sizes = _tiff_lazy(path, channel, time, chunks)
+        return _finish(data, sizes, path, pixel_size)
+    if low.endswith(".npy"):
+        if channel not in (None, 0) or time not in (None, 0):
+            _no_axis(path, "channel" if channel not in (None, 0) else "time")
+        try:
+            mm = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {path}: not a valid .npy file ({exc})") from exc
+        spec = tuple(1 if (mm.ndim == 3 and i == 0) else (min(n, int(chunks)) if chunks else n)
+                     for i, n in enumerate(mm.shape))
+        st = os.stat(path)
+        token = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        data = da.from_array(mm, chunks=spec, name=f"npy-{token}", lock=False)
+        return _finish(data, None, path, pixel_size)
+    return read_image(path, pixel_size=pixel_size, channel=channel, time=time)

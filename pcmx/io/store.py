@@ -33,7 +33,7 @@ __all__ = ["open_store", "save_store", "is_store", "describe_store", "consolidat
 
 _SPATIAL_CHUNK = 1024
 # zarr 3 warns that consolidated metadata is not (yet) in the v3 spec; xarray and zarr read it
-_CONSOLIDATED_WARNING = ".*Consolidated metadata is currently not part in the Zarr format 3"
+CONSOLIDATED_WARNING = ".*Consolidated metadata is currently not part in the Zarr format 3"
 
 
 def _is_local(path: str) -> bool:
@@ -41,7 +41,7 @@ def _is_local(path: str) -> bool:
     return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
 
 
-def _local(path: str) -> str:
+def local_path(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
@@ -68,14 +68,14 @@ def consolidate(path, group: str | None = None) -> None:
     import zarr
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
+        warnings.filterwarnings("ignore", message=CONSOLIDATED_WARNING)
         zarr.consolidate_metadata(path, path=group or "", zarr_format=3)
 
 
 def _to_zarr(ds: xr.Dataset, target: str) -> None:
     """Write ``ds`` as a new Zarr v3 store at ``target``, with consolidated metadata."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
+        warnings.filterwarnings("ignore", message=CONSOLIDATED_WARNING)
         ds.to_zarr(target, mode="w-", zarr_format=3, consolidated=True, encoding=_encoding(ds))
 
 
@@ -98,7 +98,7 @@ def group_dir(path, group: str, *, create: bool = False) -> str:
         False), not a Zarr group, or a Zarr v2 hierarchy (pcmx writes Zarr v3 only; write
         the store beside it), or a node above ``group`` is an array.
     """
-    path = _local(os.fspath(path)).rstrip(os.sep)
+    path = local_path(os.fspath(path)).rstrip(os.sep)
     parts = [p for p in str(group).strip("/").split("/") if p]
     if not parts or any(p in (".", "..") or p.startswith(".") or os.sep in p for p in parts):
         raise StoreError(f"group {group!r}: give a path of group names, e.g. 'pcmx/operator'")
@@ -154,7 +154,7 @@ def find_stores(path) -> list[tuple[str, str]]:
     return found
 
 
-def _with_provenance(ds: xr.Dataset) -> xr.Dataset:
+def with_provenance(ds: xr.Dataset) -> xr.Dataset:
     missing = {k: v for k, v in provenance().items() if k not in ds.attrs}
     if not missing:
         return ds
@@ -184,7 +184,7 @@ def _encoding(ds: xr.Dataset) -> dict:
     return enc
 
 
-def _portable_strings(ds: xr.Dataset) -> xr.Dataset:
+def portable_strings(ds: xr.Dataset) -> xr.Dataset:
     """Fixed-width unicode arrays have no stable Zarr v3 spec: store them as variable-length."""
     fixed = [k for k, v in ds.variables.items() if v.dtype.kind == "U"]
     if not fixed:
@@ -240,19 +240,19 @@ def save_store(ds: xr.Dataset, path, *, overwrite: bool = False, group: str | No
         ds = ds.pint.dequantify()
     except (AttributeError, ValueError):
         pass
-    ds = _with_provenance(ds)
+    ds = with_provenance(ds)
     validate(ds, source=path, require_provenance=True, check_values="in-memory")
-    ds = _portable_strings(ds)
+    ds = portable_strings(ds)
     root = None
     if group is not None:
         if not _is_local(path):
             raise StoreError(f"{path}: group= is for local Zarr hierarchies; give the group's URL "
                              "as the path instead")
-        root, path = _local(path).rstrip(os.sep), group_dir(path, group, create=True)
+        root, path = local_path(path).rstrip(os.sep), group_dir(path, group, create=True)
     elif not _is_local(path):
         return _save_remote(ds, path, overwrite)
 
-    path = _local(path).rstrip(os.sep)
+    path = local_path(path).rstrip(os.sep)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
 
@@ -304,9 +304,9 @@ def _save_remote(ds: xr.Dataset, url: str, overwrite: bool) -> str:
 def _restore(path: str) -> None:
     """Put back a store that a replacement killed between its two renames left set aside."""
     try:
-        restored = recover_missing(_local(path))
+        restored = recover_missing(local_path(path))
     except OSError as exc:
-        aside = ", ".join(os.path.basename(p) for p in leftovers(_local(path)) if OLD_MARKER in p)
+        aside = ", ".join(os.path.basename(p) for p in leftovers(local_path(path)) if OLD_MARKER in p)
         raise StoreError(f"{path}: no such store; a replacement was interrupted and the previous "
                          f"store is at {aside}, which cannot be renamed back ({type(exc).__name__}: "
                          f"{exc})") from None
@@ -342,14 +342,14 @@ def open_store(path, *, kind: str | None = None, group: str | None = None,
         The store is not a valid pcmx store of the expected kind.
     """
     path = os.fspath(path)
-    if _is_local(path) and not os.path.exists(_local(path)):
+    if _is_local(path) and not os.path.exists(local_path(path)):
         _restore(path)
-    if _is_local(path) and not os.path.exists(_local(path)):
+    if _is_local(path) and not os.path.exists(local_path(path)):
         raise StoreError(f"{path}: no such store")
-    if _is_local(path) and os.path.isfile(_local(path)):
+    if _is_local(path) and os.path.isfile(local_path(path)):
         raise StoreError(f"{path}: not a Zarr store (it is a file)")
     if _is_local(path):
-        _check_hierarchy(_local(path), group)
+        _check_hierarchy(local_path(path), group)
     try:
         ds = xr.open_zarr(path, group=group, consolidated=False,
                           chunks={} if chunks == "auto-stored" else chunks)
