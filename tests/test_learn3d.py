@@ -15,7 +15,7 @@ import scipy.ndimage as ndi
 import pcmx
 from pcmx.beads import bump_multiplier
 from pcmx.errors import InputError
-from pcmx.fit import fit_operator
+from pcmx.fit import fit_operator, stored_positions
 from pcmx.io.readers import as_image
 from pcmx.learn import learn_operator
 from pcmx.neighbours import refit_without_neighbours
@@ -163,8 +163,11 @@ def test_cross_validation_on_a_z_stack(sim, learned):
     bp, _ = learned
     cv = pcmx.cross_validate(as_image(sim["image"]), folds=5, psf_radius=bp.radius)
     assert {"cv_bead_z", "cv_bead_y", "cv_bead_x"} <= set(cv.data_vars)
-    np.testing.assert_array_equal(cv["cv_bead_z"].values, bp.positions[:, 0])
-    np.testing.assert_array_equal(cv["cv_bead_x"].values, bp.positions[:, 2])
+    # stored in the stack's units (0.3 um planes, 0.1 um pixels), read back as pixel indices
+    assert cv["cv_bead_z"].attrs["units"] == cv["cv_bead_x"].attrs["units"] != "pixel"
+    np.testing.assert_allclose(cv["cv_bead_z"].values, 0.3 * bp.positions[:, 0], rtol=1e-9, atol=1e-9)
+    back = stored_positions(cv, "cv_bead", grid=as_image(sim["image"]))
+    np.testing.assert_allclose(back, bp.positions, rtol=0, atol=1e-9)
     err, err_inv = cv.attrs["median_error"], cv.attrs["median_error_invariant"]
     print(f"3D cross-validation ({cv.attrs['n_beads']} beads, 5 folds): median held-out error "
           f"{err:.3f} space-varying vs {err_inv:.3f} average PSF")
