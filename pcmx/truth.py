@@ -17,11 +17,13 @@ from scipy.spatial import cKDTree
 
 from .background import METHODS, patch_coordinates, subtract_background
 from .beads import R_EXT_FACTOR, bump_multiplier, normalised_radius, radius_vector
+from .beads import extract_patches as beads_extract
 from .errors import InputError
 from .patches import raw_bead_patches
 from .simulate import simulate_beads, true_psfs
 
-__all__ = ["background_bias", "bias_table", "bias_markdown"]
+__all__ = ["background_bias", "bias_table", "bias_markdown", "centred_psfs", "grid_positions",
+           "truth_on_support", "relative_errors", "grid_psf_error", "thick_sample_bounds"]
 
 
 def _frame_truth(sim, pos: np.ndarray, truth_pos: np.ndarray, amp: np.ndarray, size: int,
@@ -163,3 +165,119 @@ def bias_markdown(table: xr.Dataset) -> str:
 
 if __name__ == "__main__":  # python -m pcmx.truth: the table of docs/background.md
     print(bias_markdown(bias_table()))
+
+
+# --------------------------------------------------------------------------------------------
+# 3D: learned PSFs against the truth on the model's support, and the bounds of a thick sample
+# --------------------------------------------------------------------------------------------
+def centred_psfs(psfs) -> np.ndarray:
+    """Each PSF normalised to sum one and moved (cubic spline) so that its centre of mass sits
+    at the centre index: compares shapes, not sub-pixel positions. ``(M, ...)`` float64."""
+    out = []
+    for p in psfs:
+        p = np.asarray(p, dtype=np.float64)
+        p = p / p.sum()
+        c = np.array(ndi.center_of_mass(np.clip(p, 0, None)))
+        p = ndi.shift(p, np.array(p.shape) // 2 - c, order=3, mode="constant")
+        out.append(p / p.sum())
+    return np.stack(out)
+
+
+def grid_positions(op: xr.Dataset, plane: int | None = None, n: int = 3):
+    """``(gz, gy, gx)``: an ``n x n`` grid of pixel positions inside the field of a 3D operator,
+    on one plane (default the middle one)."""
+    plane = op.sizes["z"] // 2 if plane is None else int(plane)
+    ys = np.round(np.linspace(0, op.sizes["y"] - 1, n + 2)[1:-1]).astype(int)
+    xs = np.round(np.linspace(0, op.sizes["x"] - 1, n + 2)[1:-1]).astype(int)
+    gy, gx = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
+    return np.full(gy.size, plane), gy, gx
+
+
+def truth_on_support(sim, op: xr.Dataset, radius, gy, gx) -> np.ndarray:
+    """The simulator's 3D PSFs at ``(gy, gx)`` times the model's bump (App. A-d): what the
+    model can represent (it is zero beyond ``r_ext``), centred."""
+    ks = (op.sizes["kz"], op.sizes["ky"], op.sizes["kx"])
+    truth = true_psfs(sim, gy, gx, size=ks[1], size_z=ks[0]) * bump_multiplier(ks, radius)
+    return centred_psfs(truth)
+
+
+def relative_errors(pred, truth) -> np.ndarray:
+    """``||pred_m - truth_m|| / ||truth_m||`` for each ``m``."""
+    diff = np.linalg.norm((pred - truth).reshape(len(pred), -1), axis=1)
+    return diff / np.linalg.norm(truth.reshape(len(truth), -1), axis=1)
+
+
+def grid_psf_error(op: xr.Dataset, sim, radius) -> tuple[float, float]:
+    """Median relative error of a 3D operator's PSFs over :func:`grid_positions` against the
+    truth on the model's support, and that of the space-invariant model made of the mean
+    observed coefficients (the same basis)."""
+    gz, gy, gx = grid_positions(op)
+    coeffs = op["coefficients"].values[:, gz, gy, gx]
+    pred = centred_psfs(np.einsum("im,ijkl->mjkl", coeffs, op["psf_basis"].values))
+    mean = op["observed_coefficients"].values.mean(axis=0)
+    inv = centred_psfs(np.repeat(np.tensordot(mean, op["psf_basis"].values, axes=1)[None], len(gy), 0))
+    truth = truth_on_support(sim, op, radius, gy, gx)
+    return float(np.median(relative_errors(pred, truth))), float(np.median(relative_errors(inv, truth)))
+
+
+def thick_sample_bounds(sim, bp, *, n_components: int, seed: int = 1) -> dict:
+    """What a z-stack of beads in a gel allows, against its noise-free floor (issue 12 item 7).
+
+    Three fits of :func:`pcmx.fit.fit_operator` on the same beads (``bp``, the pipeline's
+    :func:`pcmx.patches.bead_patches` of ``sim``), the same ``n_components``, measured by
+    :func:`grid_psf_error`:
+
+    ``floor``
+        The beads' noise-free true PSFs (no noise, no neighbours, no background).
+    ``others_removed``
+        The pipeline's patches with the *whole* true light of every other bead subtracted
+        (an oracle no subtraction can beat), the background estimated on the bead-free image.
+    ``alone``
+        Each bead imaged alone (its own light plus the background, the camera's noise): no
+        neighbour ever existed.
+
+    Returns a dict of the three errors (each bead is rendered once by the simulator).
+    """
+    from .fit import fit_operator
+    from .patches import BeadPatches
+    from .simulate._render import render_emitters
+    from .simulate._scene import camera
+    from .simulate._truth import simulation_model
+
+    optics, fm, states, shape = simulation_model(sim)
+    cam = sim.attrs["camera"]
+    gain = float(cam["gain_adu_per_electron"])
+    pos, r = np.asarray(bp.positions, dtype=np.float64), bp.radius
+    by, bx, bz, amp = (np.asarray(sim[k].values, dtype=np.float64) for k in ("bead_y", "bead_x", "bead_z", "amplitude"))
+    truth_index = cKDTree(np.c_[bz, by, bx]).query(pos)[1]
+    patch = sim.attrs["scene"]["patch_size"]
+    own = [render_emitters(optics, fm, states[0], by[[j]], bx[[j]], amp[[j]], shape, z=bz[[j]],
+                           patch_size=patch) for j in truth_index]
+    everyone = render_emitters(optics, fm, states[0], by, bx, amp, shape, z=bz, patch_size=patch)
+    background = np.asarray(sim["background"].values, dtype=np.float64)
+    work = np.asarray(sim["image"].values, dtype=np.float32)
+    raw = np.asarray(beads_extract(work, pos, r))
+    like = bp.patches
+
+    def fit(patches, image_for_background, *, noise_free=False):
+        p = subtract_background(like.copy(data=patches.astype(np.float32)), r, image=image_for_background,
+                                positions=pos, mask_positions=bp.detections) if not noise_free else \
+            like.copy(data=patches.astype(np.float32))
+        b = BeadPatches(patches=p, positions=pos, radius=r, shape=bp.shape)
+        kw = {"outlier_sigma": np.inf} if noise_free else {"image": sim["image"]}
+        return grid_psf_error(fit_operator(b, n_components=n_components, **kw), sim, r)[0]
+
+    others = np.stack([beads_extract((gain * (everyone - o)).astype(np.float32), pos[[m]], r)[0]
+                       for m, o in enumerate(own)])
+    bead_free = (work - gain * everyone).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    cam_kw = dict(gain=gain, offset=cam["offset_adu"], read_noise=cam["read_noise_electrons"],
+                  saturation=int(cam["saturation_adu"]))
+    alone = np.stack([beads_extract(np.asarray(camera(rng, (o + background).astype(np.float32), **cam_kw),
+                                               np.float32), pos[[m]], r)[0] for m, o in enumerate(own)])
+    bg_alone = np.asarray(camera(rng, background.astype(np.float32), **cam_kw), np.float32)
+    ks = like.shape[1:]
+    truth = true_psfs(sim, pos[:, 1], pos[:, 2], size=ks[1], size_z=ks[0]) * 1e4
+    return {"floor": fit(truth, None, noise_free=True),
+            "others_removed": fit(raw - others, bead_free),
+            "alone": fit(alone, bg_alone)}

@@ -10,10 +10,8 @@ from functools import partial
 
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 
 import pcmx
-from pcmx.beads import bump_multiplier
 from pcmx.errors import InputError
 from pcmx.fit import fit_operator, stored_positions
 from pcmx.io.readers import as_image
@@ -22,6 +20,14 @@ from pcmx.neighbours import refit_without_neighbours
 from pcmx.patches import BeadPatches, bead_patches
 from pcmx.simulate import simulate_beads, true_psfs
 from pcmx.testing import dottest
+from pcmx.truth import (
+    centred_psfs,
+    grid_positions,
+    grid_psf_error,
+    relative_errors,
+    thick_sample_bounds,
+    truth_on_support,
+)
 
 OPTICS = dict(z_step="300nm", pixel_size="100nm", na=1.2, n_immersion=1.33, patch_size=33)
 
@@ -36,45 +42,6 @@ def learned(sim):
     img = as_image(sim["image"])
     bp = bead_patches(img)
     return bp, fit_operator(bp, image=img)
-
-
-def _centred(psfs):
-    out = []
-    for p in psfs:
-        p = np.asarray(p, dtype=np.float64)
-        p = p / p.sum()
-        c = np.array(ndi.center_of_mass(np.clip(p, 0, None)))
-        p = ndi.shift(p, np.array(p.shape) // 2 - c, order=3, mode="constant")
-        out.append(p / p.sum())
-    return np.stack(out)
-
-
-def _positions(op, plane=16, n=3):
-    ys = np.round(np.linspace(0, op.sizes["y"] - 1, n + 2)[1:-1]).astype(int)
-    xs = np.round(np.linspace(0, op.sizes["x"] - 1, n + 2)[1:-1]).astype(int)
-    gy, gx = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
-    return np.full(gy.size, plane), gy, gx
-
-
-def _truth_on_support(sim, op, radius, gy, gx):
-    ks = (op.sizes["kz"], op.sizes["ky"], op.sizes["kx"])
-    truth = true_psfs(sim, gy, gx, size=ks[1], size_z=ks[0]) * bump_multiplier(ks, radius)
-    return _centred(truth)
-
-
-def _errors(pred, truth):
-    diff = np.linalg.norm((pred - truth).reshape(len(pred), -1), axis=1)
-    return diff / np.linalg.norm(truth.reshape(len(truth), -1), axis=1)
-
-
-def _grid_error(op, sim, radius):
-    gz, gy, gx = _positions(op)
-    coeffs = op["coefficients"].values[:, gz, gy, gx]
-    pred = _centred(np.einsum("im,ijkl->mjkl", coeffs, op["psf_basis"].values))
-    mean = op["observed_coefficients"].values.mean(axis=0)
-    inv = _centred(np.repeat(np.tensordot(mean, op["psf_basis"].values, axes=1)[None], len(gy), 0))
-    truth = _truth_on_support(sim, op, radius, gy, gx)
-    return float(np.median(_errors(pred, truth))), float(np.median(_errors(inv, truth)))
 
 
 def test_operator_store_in_3d(learned, tmp_path):
@@ -100,7 +67,7 @@ def test_operator_store_in_3d(learned, tmp_path):
 
 def test_3d_psfs_match_truth_and_beat_the_invariant_model(sim, learned):
     bp, op = learned
-    err, err_inv = _grid_error(op, sim, bp.radius)
+    err, err_inv = grid_psf_error(op, sim, bp.radius)
     # the model's own floor: noise-free true PSFs at the same beads through the same steps
     pos = bp.positions
     ks = bp.patches.shape[1:]
@@ -108,12 +75,12 @@ def test_3d_psfs_match_truth_and_beat_the_invariant_model(sim, learned):
     fb = BeadPatches(patches=bp.patches.copy(data=truth.astype(np.float32)), positions=pos,
                      radius=bp.radius, shape=bp.shape)
     floor = fit_operator(fb, n_components=op.sizes["component"], outlier_sigma=np.inf)
-    err_floor, _ = _grid_error(floor, sim, bp.radius)
+    err_floor, _ = grid_psf_error(floor, sim, bp.radius)
     # the neighbours' light subtracted with the model, one pass (learn_operator's "auto" in 3D)
     op_n, _, _ = refit_without_neighbours(bp, as_image(sim["image"]),
                                           partial(fit_operator, image=as_image(sim["image"])),
                                           passes=1, first=op)
-    err_n, _ = _grid_error(op_n, sim, bp.radius)
+    err_n, _ = grid_psf_error(op_n, sim, bp.radius)
     print(f"3D median PSF error on the support: learned {err:.3f}, neighbours subtracted "
           f"{err_n:.3f}, floor {err_floor:.3f}, space-invariant {err_inv:.3f}; "
           f"I = {op.sizes['component']}, r = {bp.radius}")
@@ -127,18 +94,18 @@ def test_3d_psfs_match_truth_and_beat_the_invariant_model(sim, learned):
 def test_product_convolution_applies_the_learned_3d_operator(sim, learned):
     bp, op = learned
     pc = pcmx.ProductConvolution(op)
-    gz, gy, gx = _positions(op)
+    gz, gy, gx = grid_positions(op)
     u = np.zeros(op["coefficients"].shape[1:], dtype=np.float32)
     sel = [0, 4, 8]  # three separated point sources
     u[gz[sel], gy[sel], gx[sel]] = 1.0
     v = pc.apply(u)
     hz, hy, hx = (n // 2 for n in op["psf_basis"].shape[1:])
-    truth = _truth_on_support(sim, op, bp.radius, gy[sel], gx[sel])
+    truth = truth_on_support(sim, op, bp.radius, gy[sel], gx[sel])
     for k, j in enumerate(sel):
         z, y, x = gz[j], gy[j], gx[j]
         block = v[z - hz:z + hz + 1, y - hy:y + hy + 1, x - hx:x + hx + 1]
         np.testing.assert_allclose(block, pc.psf_at(z, y, x), rtol=1e-4, atol=1e-6 * block.max())
-        assert _errors(_centred(block[None]), truth[k:k + 1])[0] < 0.2
+        assert relative_errors(centred_psfs(block[None]), truth[k:k + 1])[0] < 0.2
     lhs, rhs = dottest(pc, u.shape)
     assert lhs == pytest.approx(rhs, rel=1e-4)
 
@@ -199,3 +166,20 @@ def test_cli_learns_a_z_stack(sim, tmp_path, capsys):
     assert {"cv_error", "cv_error_invariant", "cv_bead_z"} <= set(op.data_vars)
     cv = op.attrs["pcmx_parameters"]["cross_validation"]
     assert np.isfinite(cv["median_error"]) and cv["median_error"] < cv["median_error_invariant"]
+
+
+def test_thick_sample_bounds_put_the_noise_free_floor_out_of_reach(sim, learned):
+    """Issue 12 item 7 asks for 3D within 1.5x of the noise-free floor. Even beads that never had
+    a neighbour (each imaged alone, its own noise only) are 1.67x of it, and so is the oracle that
+    subtracts the whole true light of every other bead: the floor is out of reach for any
+    neighbour subtraction; what neighbours cost is the gap between the learned model and these."""
+    bp, op = learned
+    b = thick_sample_bounds(sim, bp, n_components=op.sizes["component"])
+    err, _ = grid_psf_error(op, sim, bp.radius)
+    print({k: round(v, 4) for k, v in b.items()}, f"learned {err:.4f}")
+    # measured 2026-12-07: floor 0.0292, others removed 0.0488 (1.67x), alone 0.0486 (1.67x),
+    # learned 0.0967 (3.3x)
+    assert b["floor"] < 0.04
+    assert b["alone"] / b["floor"] > 1.5 and b["others_removed"] / b["floor"] > 1.5
+    assert abs(b["alone"] / b["others_removed"] - 1) < 0.15
+    assert err > 1.5 * b["alone"]
