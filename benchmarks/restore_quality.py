@@ -287,7 +287,7 @@ def main() -> None:
         "sources as Gaussian spots of the same sigma at their exact positions plus the "
         "background (lower error, higher PSNR: better). Operators: (a) the simulator's "
         "model (rank 8), (b) `pcmx.learn_operator` on a separate bead image of the "
-        f"same microscope: {learned.sizes['component']} components, {learned.sizes['ky']} px "
+        f"same microscope ({learned.sizes['component']} components, {learned.sizes['ky']} px "
         "kernels), (c) the mean true PSF over the field as one kernel, (c') the mean PSF of the "
         "learned operator as one kernel. Dirac-comb "
         f"distance to the truth (2D, spacing 16 px): learned {dist['learned']:.3f}, mean true "

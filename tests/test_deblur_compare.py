@@ -34,7 +34,8 @@ TRAIN = [{"defocus": d, "aberration_scale": s}
 # the field only (nothing beyond it), so "zero" is its exact model for the point sources; the
 # entry points' default "reflect" (a mirror image beyond the field, right for real images whose
 # scene goes on beyond the field) measured one source fewer for blind BSS (F1 0.938, RMSE
-# 0.319 px), then tied with RL-TV given the same operator, and 0.966 / 0.240 px with the true one.
+# 0.319 px), then tied with RL-TV given the same operator, and 0.966 / 0.240 px with the true one
+# (measured with Sparse+Smooth's former settings, before issue 15's block steps and tol 1e-4).
 BOUNDARY = "zero"
 # the table as measured (F1, RMSE px); test_table holds every row to it within two sources.
 # Sparse+Smooth rows re-measured after its block step sizes and tol 1e-4 (issue 15, item 4;
