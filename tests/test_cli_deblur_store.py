@@ -20,6 +20,7 @@ from test_cli_corpus import snapshot
 
 import pcmx
 import pcmx.io.chunked as chunked
+import pcmx.io.readers as readers
 from pcmx.cli import main
 from pcmx.deblur.baselines import estimate_offset
 from pcmx.io.tiff import write_tiff
@@ -153,7 +154,7 @@ def test_the_image_is_read_by_regions_and_one_channel_of_a_hyperstack(tmp_path, 
     import pcmx.commands.deblur as deblur_command
 
     regions = []
-    real = chunked._TiffRegions.__getitem__
+    real = readers._TiffRegions.__getitem__
 
     def read(self, key):
         out = real(self, key)
@@ -163,7 +164,7 @@ def test_the_image_is_read_by_regions_and_one_channel_of_a_hyperstack(tmp_path, 
     def whole(*args, **kw):
         raise AssertionError("the TIFF was read whole")
 
-    monkeypatch.setattr(chunked._TiffRegions, "__getitem__", read)
+    monkeypatch.setattr(readers._TiffRegions, "__getitem__", read)
     monkeypatch.setattr(tifffile.TiffFile, "asarray", whole)
     monkeypatch.setattr(deblur_command, "READ_BLOCK", 32)
     assert main(_args(data, tmp_path / "r.zarr")) == 0

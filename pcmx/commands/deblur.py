@@ -49,6 +49,7 @@ import argparse
 import os
 
 from ..errors import InputError
+from ..restore import DEFAULT_ITERATIONS
 from ._common import add_channel_arguments, add_scheduler_arguments, int_at_least, real
 
 NAME = "deblur"
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sparse-smooth (default: Sparse+Smooth, paper App. D), rl (Richardson-Lucy), "
                              "rl-tv (with TV), tikhonov, fista-haar: pcmx.restore.restore")
     parser.add_argument("--iterations", type=int_at_least(1), default=None,
-                        help="iterations of rl, rl-tv, fista-haar, at most for tikhonov (default 50); "
+                        help="iterations of rl, rl-tv, fista-haar, at most for tikhonov (default 50, 50, 100, 200); "
                              "sparse-smooth takes --max-iter")
     parser.add_argument("--chunks", type=int_at_least(1), default=None,
                         help="restore tile by tile, tiles of SIZE pixels grown by a halo (default: "
@@ -160,10 +161,10 @@ def _restore(args, image, family, operator):
         ident = identify_operator(image, family, n_sources=args.sources)
         operator = ident.operator
     if args.method == "sparse-smooth":
-        iterations = 300 if args.max_iter is None else args.max_iter
+        iterations = DEFAULT_ITERATIONS["sparse-smooth"] if args.max_iter is None else args.max_iter
         kw = {k: v for k, v in (("gamma1", args.gamma1), ("gamma2", args.gamma2)) if v is not None}
     else:
-        iterations = 50 if args.iterations is None else args.iterations
+        iterations = DEFAULT_ITERATIONS[args.method] if args.iterations is None else args.iterations
         kw = {}
     if args.offset is not None:
         kw["offset"] = args.offset
@@ -241,12 +242,12 @@ def _restore_lazy(args, family, operator):
         operator = ident.operator
         image = loaded.chunk(dict.fromkeys(loaded.dims, read_chunks))
     if args.method == "sparse-smooth":
-        iterations = 300 if args.max_iter is None else args.max_iter
+        iterations = DEFAULT_ITERATIONS["sparse-smooth"] if args.max_iter is None else args.max_iter
         kw = {k: v for k, v in (("gamma1", args.gamma1), ("gamma2", args.gamma2)) if v is not None}
         if args.offset is not None:
             kw["offset"] = args.offset
     else:
-        iterations = 50 if args.iterations is None else args.iterations
+        iterations = DEFAULT_ITERATIONS[args.method] if args.iterations is None else args.iterations
         # the offset of the whole image, block by block (restore would read the image whole)
         kw = {"offset": float(args.offset) if args.offset is not None else lazy_offset(image.data)}
     extra = {}
