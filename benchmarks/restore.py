@@ -3,7 +3,9 @@ and on a local Dask cluster, against the operator it applies and against invaria
 
 Part ``memory`` (2D 2304 x 2304 and 3D 32 x 512 x 512, I = 5, the simulator's true operators,
 boundary "reflect" as :func:`pcmx.restore.restore`'s default), in one process, the rows
-interleaved round by round so that each ratio compares timings taken under the same load:
+interleaved round by round so that each ratio compares timings taken under the same load;
+every time is measured as wall and as CPU time of the process (all threads: the machine may
+be shared):
 
 * ``pair``: one ``H.apply`` and one ``H.adjoint`` of :class:`pcmx.ProductConvolution` (in
   memory, all cores), what an RL iteration needs;
@@ -15,20 +17,22 @@ interleaved round by round so that each ratio compares timings taken under the s
   mirrored to a fast FFT size (``scipy.fft.next_fast_len(n + 2 r)``), 4 real FFTs per
   iteration with ``workers=-1``, in place: what the space variation costs;
 * ``tiled``: :func:`pcmx.restore.restore` with ``chunks`` (threads, the default halo), against
-  the same call in memory, whole runs of ``--tiled-iterations``; and with ``halo=0`` (the
-  per-tile overhead without the halo's extra pixels);
+  the same call in memory, whole runs of ``--tiled-iterations``; with ``halo=0`` (the per-tile
+  overhead without the halo's extra pixels); and with larger tiles (``--extra-tiles2d``);
 * peers, in ``benchmarks/.venv-peers`` (``--setup-peers``): scikit-image's
   ``restoration.richardson_lucy`` (2D) and RedLionfish's CPU ``doRLDeconvolutionFromNpArrays``
   (3D), both invariant, timed alternately with the invariant FFT RL above in their process.
 
-Part ``cluster``: a 64 x 2304 x 2304 float32 stack (1.36 GB) in a Zarr store on disk, restored
-by :func:`pcmx.restore.restore` (rl) on a ``dask.distributed`` LocalCluster of 1 and then 2
-worker processes of one thread each, ``memory_limit`` per worker below the stack's size,
-the result written to a Zarr store; wall time, and the peak resident memory of each worker and
-of all processes together (psutil, sampled every 0.1 s). The operator: the simulator's true
-3D operator of a 64 x 144 x 144 bead stack (5 components), its maps stretched 16x over the
-field by linear interpolation, computed lazily chunk by chunk (the 5 maps of the big grid
-would take 6.8 GB).
+Part ``cluster``: float32 stacks in Zarr stores on disk restored by
+:func:`pcmx.restore.restore` (rl, ``--big-iterations``) on ``dask.distributed`` LocalClusters
+of worker processes of one thread each with ``memory_limit`` per worker (1 GiB), the result
+written to a Zarr store: a 64 x 768 x 768 stack on 1 and then 2 workers (scaling), then a
+64 x 2304 x 2304 stack (1.36 GB, larger than a worker's limit) on 2. Recorded: wall time, the
+workers' CPU time, and the peak resident memory of each worker and of all processes together
+(psutil, sampled every 0.1 s). The operator: the simulator's true 3D operator of a
+64 x 144 x 144 bead stack (5 components of 7 x 15 x 15), its maps stretched over the field by
+linear interpolation and evaluated only where a tile asks (:class:`StretchedMaps`: the 5 maps
+of the big grid would take 6.8 GB).
 
 The tables are printed and written to ``docs/performance.md`` between the ``restore`` markers
 (``restore_cluster`` for the second part).
