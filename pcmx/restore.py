@@ -70,7 +70,7 @@ import xarray as xr
 from . import _backend
 from .errors import InputError
 
-__all__ = ["restore", "default_halo", "restore_memory", "auto_chunks", "richardson_lucy",
+__all__ = ["restore", "default_halo", "restore_memory", "auto_chunks",
            "local_operator", "METHODS", "METHODS_3D", "DEFAULT_ITERATIONS", "TILED_TOLERANCE"]
 
 METHODS = ("rl", "rl-tv", "tikhonov", "fista-haar", "sparse-smooth")
@@ -161,123 +161,6 @@ def _engine(operator, boundary: str):
 
 
 # --------------------------------------------------------------------------------------------
-# Richardson-Lucy (with TV) in any dimension
-# --------------------------------------------------------------------------------------------
-def _gradient(u, periodic: bool):
-    """Forward differences along every axis (Neumann, or periodic), as
-    :func:`pcmx.deblur.gradient` in 2D."""
-    xp = _backend.xp(u)
-    out = []
-    for ax in range(u.ndim):
-        if periodic:
-            out.append(xp.roll(u, -1, ax) - u)
-            continue
-        g = xp.zeros_like(u)
-        hi = (slice(None),) * ax + (slice(1, None),)
-        lo = (slice(None),) * ax + (slice(None, -1),)
-        xp.subtract(u[hi], u[lo], out=g[lo])
-        out.append(g)
-    return out
-
-
-def _divergence(p, periodic: bool):
-    """The negative adjoint of :func:`_gradient` (:func:`pcmx.deblur.divergence` in 2D)."""
-    xp = _backend.xp(p[0])
-    d = xp.zeros_like(p[0])
-    for ax, pa in enumerate(p):
-        if periodic:
-            d += pa - xp.roll(pa, 1, ax)
-            continue
-        hi = (slice(None),) * ax + (slice(1, None),)
-        lo = (slice(None),) * ax + (slice(None, -1),)
-        d[lo] += pa[lo]
-        d[hi] -= pa[lo]
-    return d
-
-
-def richardson_lucy(image, op, *, n_iter: int = 50, lam: float = 0.0, offset: float | None = None,
-                    eps: float | None = None, start: float | None = None):
-    """Richardson-Lucy (with TV when ``lam > 0``) in 2D or 3D, in place where it can be.
-
-    The update of :func:`pcmx.deblur.richardson_lucy_tv` (Dey et al. 2006; the same
-    start, floors and clamp; equal to it in 2D to float32 rounding), written for any number
-    of axes (the TV over all of them) and keeping few arrays of the image's size (the count
-    is the ``k_m`` of :func:`restore_memory`).
-
-    Parameters
-    ----------
-    image : array ([z,] y, x), NumPy or CuPy
-        Not modified.
-    op : ProductConvolution
-    n_iter : int
-    lam : float
-        TV weight (0: plain Richardson-Lucy).
-    offset : float, optional
-        Camera offset ``b`` in the model ``y ~ Poisson(H u + b)``; estimated when None.
-    eps : float, optional
-        Smoothing of ``|grad u|`` (default 1e-3 times the mean of ``y - b``).
-    start : float, optional
-        The constant first estimate (default: the flux of ``y - b`` over that of ``H^T 1``;
-        a tile is given the whole image's, :func:`restore`).
-
-    Returns
-    -------
-    array, float32, ``u >= 0``
-    """
-    from .deblur.baselines import _count, _offset, _positive
-
-    xp = _backend.xp(image)
-    y = xp.maximum(xp.asarray(image, dtype=np.float32), np.float32(0))  # read noise < 0
-    b = _offset(xp.asarray(image, dtype=np.float32), offset)
-    lam = _positive(lam, "lam", allow_zero=True)
-    n_iter = _count(n_iter, "n_iter")
-    periodic = op.boundary == "periodic"
-    ht1 = xp.asarray(op.adjoint(xp.ones_like(y)), dtype=np.float32)
-    floor = np.float32(1e-3) * float(ht1.max())
-    if not floor > 0:
-        raise InputError("operator: H^T 1 is zero everywhere; nothing to deconvolve")
-    xp.maximum(ht1, floor, out=ht1)
-    flux = max(float(xp.sum(xp.maximum(xp.asarray(image, dtype=np.float32) - np.float32(b), 0),
-                            dtype=np.float64)), 1e-12)
-    eps = np.float32(1e-3 * flux / y.size if eps is None else _positive(eps, "eps"))
-    if start is None:
-        start = flux / float(xp.sum(ht1, dtype=np.float64))
-    elif not (np.isfinite(start) and start > 0):
-        raise InputError(f"start={start!r} must be a positive number")
-    u = xp.full_like(y, start)
-    b32 = np.float32(b)
-    tiny = np.float32(1e-12 * max(flux / y.size, 1e-30))
-    for _ in range(n_iter):
-        ratio = xp.asarray(op.apply(u), dtype=np.float32)
-        ratio += b32
-        xp.maximum(ratio, tiny, out=ratio)
-        xp.divide(y, ratio, out=ratio)
-        corr = xp.asarray(op.adjoint(ratio), dtype=np.float32)
-        del ratio
-        if lam > 0:
-            g = _gradient(u, periodic)
-            norm = xp.full_like(u, eps * eps)
-            for ga in g:
-                norm += ga * ga
-            xp.sqrt(norm, out=norm)
-            for ga in g:
-                ga /= norm
-            del norm
-            denom = _divergence(g, periodic)
-            del g
-            denom *= np.float32(-lam)
-            denom += ht1
-            xp.maximum(denom, np.float32(0.1) * ht1, out=denom)
-            u *= corr
-            u /= denom
-        else:
-            u *= corr
-            u /= ht1
-        del corr
-    return u
-
-
-# --------------------------------------------------------------------------------------------
 # The methods on one in-memory image
 # --------------------------------------------------------------------------------------------
 def _run(method: str, image, op, iterations: int, kw: dict):
@@ -291,7 +174,9 @@ def _run(method: str, image, op, iterations: int, kw: dict):
         if unknown:
             raise InputError(f"method={method!r}: unknown argument(s) {', '.join(unknown)} "
                              "(it takes lam (rl-tv), offset, eps)")
-        return richardson_lucy(image, op, n_iter=iterations, lam=lam, **kw)
+        from .deblur.baselines import richardson_lucy_tv
+
+        return _backend.unwrap(richardson_lucy_tv(image, op, n_iter=iterations, lam=lam, **kw))
     from .deblur.baselines import fista_haar, tikhonov
     from .deblur.sparse_smooth import sparse_smooth
 
@@ -483,8 +368,7 @@ def restore(image, operator, *, method: str = "rl", iterations: int | None = Non
     operator : ProductConvolution, operator Dataset or store path
         ``H`` on the image's grid (a Dataset or path is applied with ``boundary``).
     method : {"rl", "rl-tv", "tikhonov", "fista-haar", "sparse-smooth"}
-        Richardson-Lucy (:func:`richardson_lucy`, the update of
-        :func:`pcmx.deblur.richardson_lucy_tv`), with TV (``lam`` default 0.002), Tikhonov
+        Richardson-Lucy (:func:`pcmx.deblur.richardson_lucy_tv` with ``lam=0``), with TV (``lam`` default 0.002), Tikhonov
         (:func:`pcmx.deblur.tikhonov`), FISTA with a Haar penalty
         (:func:`pcmx.deblur.fista_haar`), Sparse+Smooth (:func:`pcmx.deblur.sparse_smooth`,
         its ``restored`` variable). 3D: :data:`METHODS_3D` (the others take (y, x) images).
