@@ -71,11 +71,17 @@ from . import _backend
 from .errors import InputError
 
 __all__ = ["restore", "default_halo", "restore_memory", "auto_chunks",
-           "local_operator", "METHODS", "METHODS_3D", "DEFAULT_ITERATIONS", "TILED_TOLERANCE"]
+           "local_operator", "METHODS", "METHODS_3D", "DEFAULT_ITERATIONS", "TILED_TOLERANCE",
+           "WORKER_OVERHEAD"]
 
 METHODS = ("rl", "rl-tv", "tikhonov", "fista-haar", "sparse-smooth")
 #: The methods that restore 3D (z, y, x) stacks (the others are 2D: pcmx.deblur's functions).
 METHODS_3D = ("rl", "rl-tv")
+#: What a tile's process really grows by over :func:`restore_memory`'s count: measured 1.6x in a
+#: dask.distributed worker restoring a 64 x 2304 x 2304 stack (710 MiB above the worker's idle
+#: 154 MiB against 450 MiB counted: the allocator, the input and output blocks Dask holds, FFT
+#: scratch; benchmarks/restore.py). :func:`auto_chunks` sizes tiles with it.
+WORKER_OVERHEAD = 1.6
 #: Iterations when ``iterations=None``: each method's own default (Sparse+Smooth's is a maximum:
 #: crowded scenes need 180-230 FISTA iterations to separate close pairs, docs/deblurring.md).
 DEFAULT_ITERATIONS = {"rl": 50, "rl-tv": 50, "tikhonov": 200, "fista-haar": 100, "sparse-smooth": 300}
@@ -195,8 +201,8 @@ def _global_parameters(method: str, y, op, kw: dict) -> dict:
     jointly) and, for rl and rl-tv, the constant start ``flux(y - b) / flux(H^T 1)`` (a
     tile's own would differ: measured 4.4e-4 tiled-versus-whole after 20 iterations in 3D,
     2.5e-6 with the whole image's) and the TV smoothing ``eps``. A Dask image is reduced
-    lazily (one pass for the flux, two for ``H^T 1``), except for the offset's percentile,
-    which reads it whole."""
+    lazily (one pass for the flux, two for ``H^T 1``, the offset's local means block by
+    block)."""
     from .deblur.baselines import estimate_offset
 
     kw = dict(kw)
@@ -204,7 +210,7 @@ def _global_parameters(method: str, y, op, kw: dict) -> dict:
         return kw
     lazy = _backend.is_dask(y)
     if kw.get("offset") is None:
-        kw["offset"] = estimate_offset(y.compute() if lazy else y)
+        kw["offset"] = estimate_offset(y)  # a Dask image block by block, never whole
     if method not in ("rl", "rl-tv"):
         return kw
     need_eps = method == "rl-tv" and kw.get("eps") is None
@@ -314,7 +320,8 @@ def auto_chunks(shape, operator, method: str = "rl", memory_limit: int = 2**30, 
         As for :func:`restore_memory`.
     memory_limit : int
         Bytes for one tile: a worker's memory limit divided by its threads, less the
-        operator's maps (``4 I N``) and a margin.
+        operator's maps (``4 I N``) and a margin. A tile fits when :data:`WORKER_OVERHEAD`
+        times :func:`restore_memory` does.
 
     Returns
     -------
@@ -335,14 +342,15 @@ def auto_chunks(shape, operator, method: str = "rl", memory_limit: int = 2**30, 
     h = _halos(op, _check_iterations(iterations), halo)
 
     def fits(t):
-        return restore_memory(tuple(min(t, n) for n in shape), op, method, iterations=iterations,
-                              halo=h) <= memory_limit
+        return WORKER_OVERHEAD * restore_memory(tuple(min(t, n) for n in shape), op, method,
+                                                iterations=iterations, halo=h) <= memory_limit
 
     lo = max(16, 2 * max(h))
     if fits(max(shape)):
         return shape
     if not fits(lo):
-        need = restore_memory(tuple(min(lo, n) for n in shape), op, method, iterations=iterations, halo=h)
+        need = int(WORKER_OVERHEAD * restore_memory(tuple(min(lo, n) for n in shape), op, method,
+                                                    iterations=iterations, halo=h))
         raise InputError(f"memory_limit={memory_limit}: the smallest tile ({lo} px, halo {h}) "
                          f"needs {need} bytes")
     hi = max(shape)
@@ -498,7 +506,8 @@ def _tiled(method, data, op, iterations, tile, halo, kw, lazy):
         x = da.from_array(y, chunks=tile, meta=xp.empty((0,) * y.ndim, np.float32))
     # every chunk at least as wide as the halo it lends its neighbours and the kernel radius
     # (a mirror boundary needs a window of at least r pixels)
-    x = x.rechunk(tuple(ensure_minimum_chunksize(max(hh, rr, 1), c)
+    # (an axis shorter than that becomes one chunk: its windows span it whole, no halo needed)
+    x = x.rechunk(tuple(ensure_minimum_chunksize(min(max(hh, rr, 1), sum(c)), c)
                         for hh, rr, c in zip(halo, op.radius, x.chunks, strict=True)))
     depth = tuple(hh if len(c) > 1 else 0 for hh, c in zip(halo, x.chunks, strict=True))
     return _map_tiles(_restore_window, x, depth, op, name=f"pcmx-restore-{method}", method=method,
@@ -585,6 +594,7 @@ def _compute(arr, progress, client, method):
         if client is not None:
             from distributed import as_completed, futures_of
 
+            _bound_worker_caches(client)
             persisted = client.persist(arr)
             for _ in as_completed(futures_of(persisted)):
                 bar.update(1)
@@ -598,6 +608,25 @@ def _compute(arr, progress, client, method):
 
         with _Tick():
             return arr.compute()
+
+
+#: The share of a worker's memory limit its kernel-spectra cache may hold during a restoration.
+WORKER_CACHE_SHARE = 0.25
+
+
+def _bound_worker_caches(client) -> None:
+    """Bound each worker's spectra cache (``spectrum_cache_mb``, default 2 GiB) by
+    :data:`WORKER_CACHE_SHARE` of its memory limit, so that the cache cannot push a worker of
+    1 GiB past its limit (workers without a limit keep their setting)."""
+    from .options import get_options, set_options
+
+    def bound(limit_mb):
+        set_options(spectrum_cache_mb=min(int(get_options()["spectrum_cache_mb"]), int(limit_mb)))
+
+    for addr, info in client.scheduler_info().get("workers", {}).items():
+        limit = info.get("memory_limit") or 0
+        if limit:
+            client.run(bound, WORKER_CACHE_SHARE * limit / 2**20, workers=[addr])
 
 
 def _flat_keys(keys):

@@ -10,6 +10,7 @@ from pcmx.errors import InputError
 from pcmx.operator import ProductConvolution
 from pcmx.restore import (
     TILED_TOLERANCE,
+    WORKER_OVERHEAD,
     auto_chunks,
     default_halo,
     restore,
@@ -272,16 +273,25 @@ def test_restore_memory_bounds_a_tiles_peak(case):
 
 def test_auto_chunks(case):
     img, op = case
+    k = WORKER_OVERHEAD  # a tile fits when k x its counted memory does
     whole = restore_memory(img.shape, op, "rl")
-    assert auto_chunks(img.shape, op, "rl", whole) == img.shape
-    budget = restore_memory(40, op, "rl", halo=10)
+    assert auto_chunks(img.shape, op, "rl", int(k * whole) + 1) == img.shape
+    budget = int(k * restore_memory(40, op, "rl", halo=10)) + 1
     t = auto_chunks(img.shape, op, "rl", budget, halo=10)
     assert t == (40, 40)  # the largest edge within the budget
-    assert restore_memory(t, op, "rl", halo=10) <= budget < restore_memory(41, op, "rl", halo=10)
+    assert k * restore_memory(t, op, "rl", halo=10) <= budget < k * restore_memory(41, op, "rl", halo=10)
     out = restore(img, op, iterations=10, chunks="auto", halo=10, memory_limit=budget)
     np.testing.assert_array_equal(out, restore(img, op, iterations=10, chunks=40, halo=10))
     with pytest.raises(InputError, match=r"memory_limit=1000: the smallest tile \(20 px, halo \(10, 10\)\) needs"):
         auto_chunks(img.shape, op, "rl", 1000, halo=10)
+
+
+def test_a_halo_longer_than_an_axis_spans_it(case):
+    """An axis shorter than the halo becomes one chunk (its windows span it), no Dask error."""
+    img, op = case
+    ref = restore(img, op, iterations=5)
+    out = restore(img, op, iterations=5, chunks=(img.shape[0], 40), halo=(img.shape[0] + 7, 20))
+    assert float(np.abs(out - ref).max() / ref.max()) < TILED_TOLERANCE
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

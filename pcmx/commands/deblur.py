@@ -31,7 +31,7 @@ OME-Zarr by chunks, ``.npy`` memory-mapped) and restored tile by tile: tiles of 
 pixels, or, without it, the largest that fit the memory of a worker
 (:func:`pcmx.restore.auto_chunks`, ``--memory-limit`` or 1 GiB), so an image larger than
 memory is never loaded whole (the camera offset is estimated block by block,
-:func:`pcmx.io.chunked.lazy_offset`; with ``--family`` the image is read whole to identify
+:func:`pcmx.deblur.estimate_offset` of a Dask image; with ``--family`` the image is read whole to identify
 the operator). A killed run resumes from its finished chunks when rerun with the same
 arguments; ``--no-resume`` starts over. ``--scheduler ADDRESS|local:N`` computes the tiles
 on a ``dask.distributed`` cluster (each worker writes its own chunks; the output must be on a
@@ -203,14 +203,15 @@ def _input_hash(path: str, limit: int = 2**31) -> str | None:
 
 
 def _tile_budget(args, operator) -> int:
-    """Bytes for one tile with automatic chunks: 60 % of ``--memory-limit`` less the
+    """Bytes for one tile with automatic chunks: 85 % of ``--memory-limit`` (the rest: the
+    worker process itself, about 150 MiB) less the
     operator's maps, else 1 GiB."""
     if args.memory_limit is None:
         return 2**30
     from dask.utils import parse_bytes
 
     maps = 4 * int(operator["coefficients"].size) if "coefficients" in operator else 0
-    budget = int(0.6 * parse_bytes(args.memory_limit)) - maps
+    budget = int(0.85 * parse_bytes(args.memory_limit)) - maps
     if budget <= 0:
         raise InputError(f"--memory-limit {args.memory_limit}: smaller than the operator's maps "
                          f"({maps / 2**20:.0f} MiB) a worker holds")
@@ -225,7 +226,6 @@ def _restore_lazy(args, family, operator):
     import warnings
 
     from .. import restore as restore_module
-    from ..io.chunked import lazy_offset
     from ..io.readers import PcmxWarning, open_image_lazy
 
     read_chunks = max(args.chunks or 0, READ_BLOCK)  # blocks read: restore cuts them in tiles
@@ -248,16 +248,13 @@ def _restore_lazy(args, family, operator):
             kw["offset"] = args.offset
     else:
         iterations = DEFAULT_ITERATIONS[args.method] if args.iterations is None else args.iterations
-        # the offset of the whole image, block by block (restore would read the image whole)
-        kw = {"offset": float(args.offset) if args.offset is not None else lazy_offset(image.data)}
+        kw = {} if args.offset is None else {"offset": float(args.offset)}
     extra = {}
     if args.chunks is not None:
         tile = args.chunks
-    elif hasattr(restore_module, "auto_chunks"):
+    else:
         tile = "auto"
         extra["memory_limit"] = _tile_budget(args, operator)
-    else:
-        tile = 1024  # restore without auto_chunks: tiles of 1024 px
     restored = restore_module.restore(image, operator, method=args.method, iterations=iterations,
                                       chunks=tile, **extra, **kw)
     params = {"method": args.method, "iterations": iterations,

@@ -44,7 +44,7 @@ from ..errors import InputError, StoreError, StoreExistsError
 from ..provenance import jsonable
 
 __all__ = ["PARTIAL_MARKER", "Written", "partial_path", "input_record", "write_chunked",
-           "lazy_offset", "ome_multiscales"]
+           "ome_multiscales"]
 
 PARTIAL_MARKER = ".pcmx-partial"
 """In the name of the partial store of an unfinished :func:`write_chunked` (``.NAME.pcmx-partial``)."""
@@ -422,43 +422,3 @@ def ome_multiscales(dims, pixel_size_um, *, path: str = "restored", name: str = 
         "datasets": [{"path": path, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
     }]}
 
-
-# --------------------------------------------------------------------------------------------
-# The camera offset of a lazy image
-# --------------------------------------------------------------------------------------------
-def lazy_offset(data) -> float:
-    """:func:`pcmx.deblur.estimate_offset` of a Dask image without loading it whole.
-
-    The 9-pixel local means are computed block by block with a 4-pixel overlap (reflected at
-    the image's edge: the same values as on the whole image), on blocks of about Dask's
-    ``array.chunk-size``; each block gives its smallest values, enough to hold the 0.1th
-    percentile's two neighbours, and the percentile is interpolated between those as NumPy
-    does. Memory: a few blocks and 0.1 % of the pixels per block.
-    """
-    import dask
-    import dask.array as da
-    from scipy import ndimage
-
-    y = data.astype(np.float32) if da.core.is_dask_collection(data) else da.from_array(
-        np.asarray(data, dtype=np.float32))
-    n = int(y.size)
-    position = 0.001 * (n - 1)
-    lo = int(math.floor(position))
-    keep = min(lo + 2, n)
-    y = y.rechunk("auto")  # few blocks of about dask's array.chunk-size (128 MiB): few tasks
-    y = y.rechunk(tuple(tuple(c) if sum(c) < 5 else da.overlap.ensure_minimum_chunksize(4, c)
-                        for c in y.chunks))
-    means = da.map_overlap(lambda b: ndimage.uniform_filter(b, 9, mode="reflect"), y, depth=4,
-                           boundary="reflect", dtype=np.float32)
-
-    def smallest(block):
-        flat = np.asarray(block, dtype=np.float32).ravel()
-        return np.partition(flat, keep - 1)[:keep] if flat.size > keep else flat
-
-    parts = dask.compute(*[dask.delayed(smallest)(b) for b in means.to_delayed().ravel()])
-    values = np.sort(np.concatenate(parts))[:keep]
-    a = float(values[lo])
-    b = float(values[min(lo + 1, len(values) - 1)])
-    t = position - lo
-    value = a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
-    return float(np.float32(value))  # NumPy's percentile of float32 values is float32
