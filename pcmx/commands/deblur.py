@@ -290,10 +290,12 @@ def _write_store(args, out: str, family, operator, *, progress) -> str:
     arguments = {**params, which: store_hash, "input_group": args.input_group,
                  "sources": args.sources, "channel": args.channel, "time": args.time,
                  "pixel_size": args.pixel_size}
+    image_hash = _input_hash(args.image)  # once: the manifest's key and the provenance
+    image_record = input_record(args.image) if image_hash is None else \
+        {**input_record(args.image), "sha256": image_hash}  # content, not only size and mtime
     fingerprint = {"arguments": arguments,
-                   "inputs": [input_record(args.image), {"name": os.path.abspath(store_path),
-                                                         "sha256": store_hash}]}
-    inputs = [(os.path.basename(os.path.normpath(args.image)), _input_hash(args.image)),
+                   "inputs": [image_record, {"name": os.path.abspath(store_path), "sha256": store_hash}]}
+    inputs = [(os.path.basename(os.path.normpath(args.image)), image_hash),
               (os.path.basename(os.path.normpath(store_path)), store_hash)]
     if ident is not None:
         params = {**params, "n_sources_used": len(ident.positions),
