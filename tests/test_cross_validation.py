@@ -63,7 +63,10 @@ def test_folds_use_the_stored_models_fit_and_options(sim, traced):
     assert len(calls) == 3
     bp = bead_patches(as_image(sim["image"]))
     fold_of = fold_labels(len(bp), 3, 1)
-    for f, (train, kw) in enumerate(calls):
+    # the folds run on the thread pool: each call is matched to its fold by its held-out beads
+    order = [int(np.flatnonzero(np.all(bp.positions == kw["at"][0], axis=1))[0]) for _, kw in calls]
+    assert sorted(fold_of[order].tolist()) == [0, 1, 2]
+    for f, (train, kw) in zip(fold_of[order], calls, strict=True):
         # the stored model's options, read at the fold's held-out beads, on the fold's own PCA
         at, basis = kw.pop("at"), kw.pop("basis")
         assert kw == {"n_components": None, "eta": None, "realism": Realism("cone"), "eta_scale": 1.0,
