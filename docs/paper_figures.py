@@ -35,7 +35,7 @@ import scipy.ndimage as ndi  # noqa: E402
 
 import pcmx  # noqa: E402
 from pcmx import plot  # noqa: E402
-from pcmx.deblur import deblur, identify_operator  # noqa: E402
+from pcmx.deblur import deblur, identify_operator, rescaled_distance  # noqa: E402
 from pcmx.deblur.metrics import score_restoration  # noqa: E402
 from pcmx.family import learn_family  # noqa: E402
 from pcmx.fit import fit_operator  # noqa: E402
@@ -45,6 +45,7 @@ from pcmx.model import family_operator, psf_at  # noqa: E402
 from pcmx.operator import blur  # noqa: E402
 from pcmx.patches import bead_patches  # noqa: E402
 from pcmx.simulate import simulate_beads, simulate_point_sources, true_operator, true_psfs  # noqa: E402
+from pcmx.truth import true_comb_image  # noqa: E402
 from pcmx.units import from_pixels  # noqa: E402
 
 SHAPE = (512, 512)  # the paper's simulated field (Fig. 2a)
@@ -90,30 +91,17 @@ def psf_error(op, sim, state: int = 0, *, family_state=None) -> float:
                            / np.linalg.norm(true.reshape(n, -1), axis=1)))
 
 
+def _true_comb(sim, state: int) -> np.ndarray:
+    _, cy, cx = comb()
+    return true_comb_image(sim, cy, cx, state=state, window=WINDOW)
+
+
 def comb() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pts = np.arange(COMB_STEP, SHAPE[0] - COMB_STEP + 1, COMB_STEP)
     cy, cx = (a.ravel() for a in np.meshgrid(pts, pts, indexing="ij"))
     d = np.zeros(SHAPE, np.float32)
     d[cy, cx] = 1.0
     return d, cy, cx
-
-
-def true_comb_image(sim, state: int) -> np.ndarray:
-    """``H_true d``: each Dirac of the comb replaced by its exact PSF (not a model of it)."""
-    _, cy, cx = comb()
-    psfs = true_psfs(sim, cy, cx, state=state, size=WINDOW).astype(np.float64)
-    h = WINDOW // 2
-    oy, ox = np.meshgrid(np.arange(WINDOW) - h, np.arange(WINDOW) - h, indexing="ij")
-    out = np.zeros(SHAPE)
-    np.add.at(out, (cy[:, None, None] + oy, cx[:, None, None] + ox), psfs)
-    return out
-
-
-def rescaled_distance(u: np.ndarray, u0: np.ndarray) -> float:
-    """``inf_{a,b} ||a u + b - u0|| / ||u0||`` (paper III-B-1), by least squares."""
-    a = np.stack([u.ravel(), np.ones(u.size)], axis=1).astype(np.float64)
-    coef, *_ = np.linalg.lstsq(a, u0.ravel().astype(np.float64), rcond=None)
-    return float(np.linalg.norm(a @ coef - u0.ravel()) / np.linalg.norm(u0))
 
 
 def comb_image(op) -> np.ndarray:
@@ -221,7 +209,7 @@ def family_vs_single(out: str, k: int) -> dict:
         t_single.append(time.perf_counter() - t0)
     d_single, d_family, e_single, e_family = [], [], [], []
     for s in range(k):
-        u0 = true_comb_image(sim, s)
+        u0 = _true_comb(sim, s)
         d_single.append(rescaled_distance(comb_image(singles[s]), u0))
         d_family.append(rescaled_distance(comb_image(family_operator(fam, state=s)), u0))
         e_single.append(psf_error(singles[s], sim, s))
@@ -240,7 +228,7 @@ def family_vs_single(out: str, k: int) -> dict:
     fig_bases = _save(fig, out, "fig4_single_vs_family_bases.png")
 
     sl = slice(16, 112)  # the top-left corner of the comb images: 3 x 3 Diracs
-    panels = [("(a) exact PSFs, H_true d", true_comb_image(sim, 0)),
+    panels = [("(a) exact PSFs, H_true d", _true_comb(sim, 0)),
               (f"(c) one image: distance {d_single[0]:.3f}", comb_image(singles[0])),
               (f"(d) family of {k}: distance {d_family[0]:.3f}", comb_image(family_operator(fam, state=0)))]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2), layout="constrained")
@@ -295,7 +283,7 @@ def identification(fam_res: dict, out: str) -> dict:
     snr_crops = float(np.median([snr_db(c, t) for c, t in zip(crops, true_ci, strict=True)]))
     snr_est = float(np.median([snr_db(e, t) for e, t in zip(est, true, strict=True)]))
     # the paper's rescaled distance to the held-out truth: identified vs the nearest training state
-    u0 = true_comb_image(beads, 0)
+    u0 = _true_comb(beads, 0)
     d_ident = rescaled_distance(comb_image(ident.operator), u0)
     d_states = [rescaled_distance(comb_image(family_operator(fam, state=s)), u0) for s in range(k)]
 

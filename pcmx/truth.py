@@ -23,7 +23,8 @@ from .patches import raw_bead_patches
 from .simulate import simulate_beads, true_psfs
 
 __all__ = ["background_bias", "bias_table", "bias_markdown", "centred_psfs", "grid_positions",
-           "truth_on_support", "relative_errors", "grid_psf_error", "thick_sample_bounds"]
+           "truth_on_support", "relative_errors", "grid_psf_error", "thick_sample_bounds",
+           "true_comb_image"]
 
 
 def _frame_truth(sim, pos: np.ndarray, truth_pos: np.ndarray, amp: np.ndarray, size: int,
@@ -170,6 +171,20 @@ if __name__ == "__main__":  # python -m pcmx.truth: the table of docs/background
 # --------------------------------------------------------------------------------------------
 # 3D: learned PSFs against the truth on the model's support, and the bounds of a thick sample
 # --------------------------------------------------------------------------------------------
+def true_comb_image(sim, cy, cx, *, state: int = 0, window: int = 33) -> np.ndarray:
+    """``H_true d`` for a comb ``d`` of unit Diracs at pixels ``(cy, cx)``: the exact PSF of
+    every Dirac (:func:`pcmx.simulate.true_psfs`, ``window`` pixels wide) placed at its
+    position, on the simulation's field (float64). The Diracs must lie at least
+    ``window // 2`` pixels inside the field."""
+    cy, cx = np.asarray(cy, dtype=np.intp), np.asarray(cx, dtype=np.intp)
+    psfs = true_psfs(sim, cy, cx, state=state, size=window).astype(np.float64)
+    h = window // 2
+    oy, ox = np.meshgrid(np.arange(window) - h, np.arange(window) - h, indexing="ij")
+    out = np.zeros(tuple(sim["image"].shape[-2:]))
+    np.add.at(out, (cy[:, None, None] + oy, cx[:, None, None] + ox), psfs)
+    return out
+
+
 def centred_psfs(psfs) -> np.ndarray:
     """Each PSF normalised to sum one and moved (cubic spline) so that its centre of mass sits
     at the centre index: compares shapes, not sub-pixel positions. ``(M, ...)`` float64."""

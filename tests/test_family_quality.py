@@ -25,33 +25,23 @@ of its peak.
 
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 from scipy.interpolate import RectBivariateSpline
 from scipy.optimize import nnls
 
 from pcmx.beads import bump_multiplier
+from pcmx.deblur import rescaled_distance
 from pcmx.family import learn_family
 from pcmx.learn import learn_operator
 from pcmx.model import family_coefficients
 from pcmx.operator import ProductConvolution
 from pcmx.simulate import simulate_beads, true_psfs
+from pcmx.truth import centred_psfs, true_comb_image
 
 SHAPE = (512, 512)
 K = 10
 R = 12
 WINDOW = 33
 COMB_STEP = 32
-
-
-def _centred(psfs: np.ndarray) -> np.ndarray:
-    """Sum one, centroid shifted to the window's centre (the operator issue's convention)."""
-    out = []
-    for p in np.asarray(psfs, dtype=np.float64):
-        p = p / p.sum()
-        c = np.array(ndi.center_of_mass(np.clip(p, 0, None)))
-        p = ndi.shift(p, np.array(p.shape) // 2 - c, order=3, mode="constant")
-        out.append(p / p.sum())
-    return np.stack(out)
 
 
 def _pad(psfs: np.ndarray, size: int = WINDOW) -> np.ndarray:
@@ -66,13 +56,6 @@ def _median_relative_error(pred: np.ndarray, true: np.ndarray) -> float:
     n = len(true)
     return float(np.median(np.linalg.norm((pred - true).reshape(n, -1), axis=1)
                            / np.linalg.norm(true.reshape(n, -1), axis=1)))
-
-
-def _rescaled_distance(u: np.ndarray, u0: np.ndarray) -> float:
-    """``inf_{a,b} ||a u + b - u0|| / ||u0||`` (paper III-B-1), by least squares."""
-    a = np.stack([u.ravel(), np.ones(u.size)], axis=1).astype(np.float64)
-    coef, *_ = np.linalg.lstsq(a, u0.ravel().astype(np.float64), rcond=None)
-    return float(np.linalg.norm(a @ coef - u0.ravel()) / np.linalg.norm(u0))
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +91,6 @@ def comb():
     return d, cy, cx
 
 
-def _true_comb_image(sim, state, cy, cx) -> np.ndarray:
-    """``H_true d``: the exact PSF of every Dirac placed at its position (float64)."""
-    psfs = true_psfs(sim, cy, cx, state=state, size=WINDOW).astype(np.float64)
-    h = WINDOW // 2
-    oy, ox = np.meshgrid(np.arange(WINDOW) - h, np.arange(WINDOW) - h, indexing="ij")
-    out = np.zeros(SHAPE)
-    np.add.at(out, (cy[:, None, None] + oy, cx[:, None, None] + ox), psfs)
-    return out
-
-
 def test_family_beats_single_image_against_truth(sim, family, singles, grid, comb):
     gy, gx = grid
     d, cy, cx = comb
@@ -128,23 +101,23 @@ def test_family_beats_single_image_against_truth(sim, family, singles, grid, com
     err_fam, err_single, dist_fam, dist_single, floor_fam, negative = [], [], [], [], [], []
     bump = bump_multiplier(h_fam.shape[1:], R)
     for k in range(K):
-        true = _centred(true_psfs(sim, gy, gx, state=k, size=WINDOW))
+        true = centred_psfs(true_psfs(sim, gy, gx, state=k, size=WINDOW))
         coeffs = family_coefficients(family, state=k).values[:, gy, gx].astype(np.float64)
         pred_fam = np.einsum("im,ijk->mjk", coeffs, h_fam)
         negative.append(float((pred_fam.min(axis=(1, 2)) / pred_fam.max(axis=(1, 2))).min()))
         op = singles[k]
         pred_single = np.einsum("im,ijk->mjk", op["coefficients"].values[:, gy, gx].astype(np.float64),
                                 op["psf_basis"].values.astype(np.float64))
-        err_fam.append(_median_relative_error(_centred(_pad(pred_fam)), true))
-        err_single.append(_median_relative_error(_centred(_pad(pred_single)), true))
+        err_fam.append(_median_relative_error(centred_psfs(_pad(pred_fam)), true))
+        err_single.append(_median_relative_error(centred_psfs(_pad(pred_single)), true))
         # the shared basis' own floor: the exact PSFs (on the model's support) projected on it
         exact = true_psfs(sim, gy, gx, state=k, size=h_fam.shape[-1]).astype(np.float64) * bump
         exact /= exact.sum(axis=(1, 2), keepdims=True)
         proj = np.einsum("mi,ijk->mjk", np.einsum("mjk,ijk->mi", exact, h_fam), h_fam)
-        floor_fam.append(_median_relative_error(_centred(_pad(proj)), true))
-        u0 = _true_comb_image(sim, k, cy, cx)
-        dist_fam.append(_rescaled_distance(ProductConvolution.from_family(family, state=k).apply(d), u0))
-        dist_single.append(_rescaled_distance(ProductConvolution(op).apply(d), u0))
+        floor_fam.append(_median_relative_error(centred_psfs(_pad(proj)), true))
+        u0 = true_comb_image(sim, cy, cx, state=k, window=WINDOW)
+        dist_fam.append(rescaled_distance(ProductConvolution.from_family(family, state=k).apply(d), u0))
+        dist_single.append(rescaled_distance(ProductConvolution(op).apply(d), u0))
     med = {name: float(np.median(v)) for name, v in [("family", err_fam), ("single", err_single),
                                                       ("comb_family", dist_fam),
                                                       ("comb_single", dist_single),
@@ -265,13 +238,13 @@ def test_automatic_radius_pools_the_beads_of_all_images(sim, grid):
     h = fam["psf_basis"].values.astype(np.float64)
     err_fam, err_single = [], []
     for k in range(K):
-        true = _centred(true_psfs(sim, gy, gx, state=k, size=window))
+        true = centred_psfs(true_psfs(sim, gy, gx, state=k, size=window))
         c = family_coefficients(fam, state=k).values[:, gy, gx].astype(np.float64)
-        err_fam.append(_median_relative_error(_centred(_pad(np.einsum("im,ijk->mjk", c, h), window)), true))
+        err_fam.append(_median_relative_error(centred_psfs(_pad(np.einsum("im,ijk->mjk", c, h), window)), true))
         op = learn_operator(sim["image"].isel(state=k))
         pred = np.einsum("im,ijk->mjk", op["coefficients"].values[:, gy, gx].astype(np.float64),
                          op["psf_basis"].values.astype(np.float64))
-        err_single.append(_median_relative_error(_centred(_pad(pred, window)), true))
+        err_single.append(_median_relative_error(centred_psfs(_pad(pred, window)), true))
     fam_med, single_med = float(np.median(err_fam)), float(np.median(err_single))
     print(f"PSF error (49 x 49), everything automatic: family {fam_med:.3f}, single image "
           f"{single_med:.3f} (ratio {single_med / fam_med:.2f})")

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 import xarray as xr
 
 import pcmx
@@ -10,18 +9,7 @@ from pcmx.cli import main
 from pcmx.errors import InputError
 from pcmx.learn import learn_operator
 from pcmx.simulate import simulate_beads, true_psfs
-
-
-def _centred(psfs):
-    """Normalise to sum one and shift the centroid to the kernel centre (issue's convention)."""
-    out = []
-    for p in psfs:
-        p = np.asarray(p, dtype=np.float64)
-        p = p / p.sum()
-        c = np.array(ndi.center_of_mass(np.clip(p, 0, None)))
-        p = ndi.shift(p, np.array(p.shape) // 2 - c, order=3, mode="constant")
-        out.append(p / p.sum())
-    return np.stack(out)
+from pcmx.truth import centred_psfs
 
 
 def _grid_error(op, sim, n=5):
@@ -32,7 +20,7 @@ def _grid_error(op, sim, n=5):
     coeffs = op["coefficients"].values[:, np.round(gy).astype(int), np.round(gx).astype(int)]
     pred = np.einsum("im,ijk->mjk", coeffs, op["psf_basis"].values)
     true = true_psfs(sim, np.round(gy), np.round(gx), size=op.sizes["ky"])
-    pred, true = _centred(pred), _centred(true)
+    pred, true = centred_psfs(pred), centred_psfs(true)
     return np.median(np.linalg.norm((pred - true).reshape(len(gy), -1), axis=1)
                      / np.linalg.norm(true.reshape(len(gy), -1), axis=1)), pred
 

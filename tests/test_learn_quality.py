@@ -12,7 +12,6 @@
 
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 import xarray as xr
 
 import pcmx
@@ -20,22 +19,11 @@ from pcmx.fit import fit_operator, stored_positions
 from pcmx.io.readers import as_image
 from pcmx.patches import BeadPatches, bead_patches
 from pcmx.simulate import simulate_beads, true_psfs
+from pcmx.truth import centred_psfs
 
 # median photons per bead -> peak photons about 0.04-0.06 of that (NA 1.49, 65 nm pixels):
 # 60000 bright (peak ~3000), 40000 the issue's "dim" (peak ~2000), 10000 and 2000 dimmer
 PHOTONS = (60000.0, 40000.0, 10000.0, 2000.0)
-
-
-def _centred(psfs):
-    """Normalise to sum one and shift the centroid to the kernel centre (issue's convention)."""
-    out = []
-    for p in psfs:
-        p = np.asarray(p, dtype=np.float64)
-        p = p / p.sum()
-        c = np.array(ndi.center_of_mass(np.clip(p, 0, None)))
-        p = ndi.shift(p, np.array(p.shape) // 2 - c, order=3, mode="constant")
-        out.append(p / p.sum())
-    return np.stack(out)
 
 
 def _grid_error(op, sim, n=5):
@@ -45,8 +33,8 @@ def _grid_error(op, sim, n=5):
     xs = np.round(np.linspace(0, nx - 1, n + 2)[1:-1])
     gy, gx = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
     coeffs = op["coefficients"].values[:, gy.astype(int), gx.astype(int)]
-    pred = _centred(np.einsum("im,ijk->mjk", coeffs, op["psf_basis"].values))
-    true = _centred(true_psfs(sim, gy, gx, size=op.sizes["ky"]))
+    pred = centred_psfs(np.einsum("im,ijk->mjk", coeffs, op["psf_basis"].values))
+    true = centred_psfs(true_psfs(sim, gy, gx, size=op.sizes["ky"]))
     diff = np.linalg.norm((pred - true).reshape(len(gy), -1), axis=1)
     return float(np.median(diff / np.linalg.norm(true.reshape(len(gy), -1), axis=1)))
 

@@ -32,6 +32,7 @@ from .identify import (
     dirac_comb_distance,
     identify_operator,
     project_onto_family,
+    rescaled_distance,
 )
 from .sparse_smooth import deblur, laplacian, sparse_smooth
 
@@ -51,6 +52,7 @@ __all__ = [
     "Identification",
     "identify_operator",
     "dirac_comb_distance",
+    "rescaled_distance",
     "project_onto_family",
     "check_family_grid",
     "checked_image",

@@ -43,7 +43,8 @@ from ..patches import bead_patches, patches_at
 
 _MAX_VERTEX_STARTS = 8  # the best-fitting generators used as extra starts (all when K <= 8)
 
-__all__ = ["Identification", "identify_operator", "dirac_comb_distance", "project_onto_family",
+__all__ = ["Identification", "identify_operator", "dirac_comb_distance", "rescaled_distance",
+           "project_onto_family",
            "check_family_grid", "checked_image"]
 
 
@@ -472,8 +473,14 @@ def dirac_comb_distance(op_est, op_true, spacing: int, *, offset: int | None = N
     off = spacing // 2 if offset is None else int(offset)
     comb = np.zeros(e_op.shape, dtype=np.float32)
     comb[off::spacing, off::spacing] = 1.0
-    e = np.asarray(e_op.apply(comb), dtype=np.float64).ravel()
-    t = np.asarray(t_op.apply(comb), dtype=np.float64).ravel()
+    return rescaled_distance(e_op.apply(comb), t_op.apply(comb))
+
+
+def rescaled_distance(u, u0) -> float:
+    """``min_{a, b} ||a u + b - u0|| / ||u0||`` (paper III-B-1): the distance of two images
+    up to a gain ``a`` and an offset ``b``, fitted by least squares (float64)."""
+    e = np.asarray(u, dtype=np.float64).ravel()
+    t = np.asarray(u0, dtype=np.float64).ravel()
     design = np.stack([e, np.ones_like(e)], axis=1)
     coef, *_ = np.linalg.lstsq(design, t, rcond=None)
     return float(np.linalg.norm(design @ coef - t) / max(np.linalg.norm(t), 1e-300))
