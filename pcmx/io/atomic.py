@@ -99,9 +99,22 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _fsync_file(path: str) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+def fsync_path(path: str, *, directory: bool = False) -> None:
+    """Flush a file's (or, with ``directory=True``, a directory's entries') data to disk; a
+    path that no longer exists is skipped, and so is a filesystem refusing to fsync a
+    directory (a file's fsync error is raised: its data may not be on disk)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - filesystems refusing fsync on directories
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
 
 
 def leftovers(final) -> list[str]:
@@ -331,7 +344,7 @@ def atomic_file(final, write: Callable[[str], object]) -> str:
     tmp = temporary_sibling(final)
     try:
         write(tmp)
-        _fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, final)
     except BaseException:
         _remove(tmp)

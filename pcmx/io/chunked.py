@@ -42,6 +42,7 @@ import xarray as xr
 
 from ..errors import InputError, StoreError, StoreExistsError
 from ..provenance import jsonable
+from .atomic import fsync_path
 
 __all__ = ["PARTIAL_MARKER", "Written", "partial_path", "input_record", "write_chunked",
            "ome_multiscales"]
@@ -99,20 +100,6 @@ def _regular_chunks(chunks) -> tuple[int, ...]:
     return tuple(max(v, 1) for v in out)
 
 
-def _fsync(path: str, *, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - filesystems refusing fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_block(block, store: str, name: str, index: tuple, starts: tuple) -> tuple:
     """Write one computed chunk into its region of ``store/name`` and fsync it (on the worker
     that computed it). Returns the chunk's index, for the manifest."""
@@ -122,8 +109,8 @@ def _write_block(block, store: str, name: str, index: tuple, starts: tuple) -> t
     region = tuple(slice(s, s + n) for s, n in zip(starts, block.shape, strict=True))
     arr[region] = np.asarray(block, dtype=arr.dtype)
     chunk = os.path.join(store, name, *arr.metadata.encode_chunk_key(tuple(index)).split("/"))
-    _fsync(chunk)
-    _fsync(os.path.dirname(chunk), directory=True)
+    fsync_path(chunk)
+    fsync_path(os.path.dirname(chunk), directory=True)
     return tuple(int(i) for i in index)
 
 
